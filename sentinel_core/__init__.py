@@ -1,0 +1,47 @@
+"""Sentinel: prune, fine-tune and regrow the attention heads of transformer language models.
+
+The public API is imported lazily so that ``sentinel --help`` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+from .hookspecs import hookimpl
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "ExperimentConfig": ".config",
+    "run_experiment": ".pipeline",
+    "generate_text": ".generation",
+    "save_model": ".checkpoint",
+    "load_model": ".checkpoint",
+    "SentinelError": ".errors",
+    "HeadScores": ".results",
+    "PruneResult": ".results",
+    "FineTuneResult": ".results",
+    "GrowthResult": ".results",
+    "Strategy": ".results",
+    "MetricEvent": ".metrics",
+}
+
+__all__ = ["__version__", "hookimpl", *_LAZY]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .checkpoint import load_model, save_model
+    from .config import ExperimentConfig
+    from .errors import SentinelError
+    from .generation import generate_text
+    from .metrics import MetricEvent
+    from .pipeline import run_experiment
+    from .results import FineTuneResult, GrowthResult, HeadScores, PruneResult, Strategy
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sentinel_core' has no attribute {name!r}")

@@ -1,0 +1,30 @@
+"""``sentinel plugins``: what is installed, as a table or as JSON."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from . import cli
+
+
+@cli.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print [{name, version, hooks, strategies}] as JSON.")
+def plugins_command(as_json: bool) -> None:
+    """List the loaded plugins, their hooks and the strategies they offer."""
+    from ..plugins import failures, list_plugins
+
+    listing = list_plugins()
+    if as_json:
+        click.echo(json.dumps(listing, indent=2))
+        return
+    rows = [("plugin", "version", "hooks", "strategies")]
+    for plugin in listing:
+        strategies = ", ".join(f"{s['hook']}:{s['name']}" for s in plugin["strategies"])
+        rows.append((plugin["name"], plugin["version"] or "", ", ".join(plugin["hooks"]), strategies))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
+    for failure in failures:
+        click.echo(f"! {failure.describe()}")

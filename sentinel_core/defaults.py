@@ -1,0 +1,66 @@
+"""Which model and data a run uses when the user did not say, or when the Hub is out of reach.
+
+The documented defaults are distilgpt2 on WikiText-2. When the Hugging Face Hub cannot be
+reached (or ``--model demo`` is given) Sentinel uses its embedded demo model and corpus
+instead, and says so in one line.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from urllib.parse import urlparse
+
+from .config import DEFAULT_HUB_DATA, DEFAULT_HUB_MODEL, ExperimentConfig
+
+DEMO = "demo"
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub's host accepts a TCP connection (respects HF_HUB_OFFLINE and HF_ENDPOINT)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in _TRUTHY:
+        return False
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        with socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _is_local(source: str) -> bool:
+    return os.path.exists(source)
+
+
+def resolve_model_and_data(config: ExperimentConfig, *, announce: bool = True) -> tuple[str, str]:
+    """Return ``(model_source, data_source)`` for ``load_model`` and ``load_data``.
+
+    ``model_source`` is a hub name, a local directory, or the path of the cached demo model
+    (trained on first use).
+    """
+    model, data = config.model_name, config.data
+    needs_hub = model is None or data is None
+    online = hub_reachable() if needs_hub else True
+    if model is None:
+        model = DEFAULT_HUB_MODEL if online else DEMO
+        if model == DEMO and announce:
+            print(f"Hugging Face Hub unreachable: using the embedded demo model instead of {DEFAULT_HUB_MODEL}.",
+                  file=sys.stderr)
+    if data is None:
+        if model == DEMO or not online:
+            data = DEMO
+            if model != DEMO and announce:
+                print(f"Hugging Face Hub unreachable: using the embedded demo corpus instead of {DEFAULT_HUB_DATA}.",
+                      file=sys.stderr)
+        else:
+            data = DEFAULT_HUB_DATA
+    if model == DEMO:
+        from .demo import ensure_demo_model
+
+        if announce and config.model_name == DEMO:
+            print("Using the embedded demo model (a small GPT-2 trained on Shakespeare).", file=sys.stderr)
+        model = str(ensure_demo_model(quiet=config.quiet))
+    return model, data

@@ -1,0 +1,1 @@
+"""Strategies built into sentinel-core, registered as plugins from DEFAULT_PLUGINS."""
