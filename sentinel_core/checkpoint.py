@@ -1,0 +1,368 @@
+"""Saving and loading models whose attention heads were masked, removed or grown.
+
+A Sentinel checkpoint is a directory holding:
+
+- ``config.json``: the unchanged HF config (original head counts, so it still validates)
+  plus ``sentinel_head_map`` (the HeadMap) and ``sentinel_checkpoint`` (format, dtype and
+  attention implementation, so a reload reproduces the logits bit for bit);
+- ``sentinel.safetensors``: every tensor, in the compact shapes. The name is deliberately not
+  one that transformers looks for, so plain ``from_pretrained`` raises instead of loading a
+  model with re-initialised or silently ungated weights;
+- the tokenizer files and ``generation_config.json`` when present.
+
+``save_model(..., dense=True)`` instead writes an ordinary transformers checkpoint in the
+original shapes, with removed and masked heads zeroed.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sentinel_core.errors import SentinelError
+
+WEIGHTS_NAME = "sentinel.safetensors"
+FORMAT_KEY = "sentinel_checkpoint"
+DENSE_KEY = "sentinel_dense_export"
+FORMAT_VERSION = 1
+_HUB_PREFIXES = ("/", ".", "~", "\\")
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextmanager
+def _atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temp dir beside ``target``; on success it replaces ``target`` in one rename."""
+    target = target.expanduser().absolute()
+    if target.exists() and not target.is_dir():
+        raise SentinelError(f"cannot save a model to {str(target)!r}: it is a file; give a directory path")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
+    try:
+        yield tmp
+        if target.exists():
+            # rename() cannot replace a non-empty directory: move the old one aside first.
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+            os.replace(target, old / "previous")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _dtype_of(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _parse_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        value = getattr(torch, dtype.removeprefix("torch."), None)
+        if isinstance(value, torch.dtype) and value.is_floating_point:
+            return value
+    raise SentinelError(f"dtype {dtype!r} is not a torch floating dtype; use e.g. 'float32', 'bfloat16', 'float16'")
+
+
+def _attn_implementation(model: nn.Module) -> str:
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
+def _transient_buffer_dtypes(model: nn.Module) -> dict[str, str]:
+    """Dtypes of floating buffers that are not saved (e.g. rotary ``inv_freq``).
+
+    A model cast with ``.to(bfloat16)`` has bf16 rotary buffers, while one built in bf16 keeps
+    them in float32; recording them lets a reload reproduce the logits bit for bit.
+    """
+    from sentinel_core.surgery.gates import GATE_BUFFER
+
+    saved = set(model.state_dict())
+    return {
+        name: str(buf.dtype).removeprefix("torch.")
+        for name, buf in model.named_buffers()
+        if buf.is_floating_point() and name not in saved and not name.endswith(GATE_BUFFER)
+    }
+
+
+def _restore_buffer_dtypes(model: nn.Module, dtypes: dict[str, str]) -> None:
+    buffers = dict(model.named_buffers())
+    for name, dtype in dtypes.items():
+        value = getattr(torch, str(dtype), None)
+        if name in buffers and isinstance(value, torch.dtype) and buffers[name].dtype != value:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name) if module_name else model
+            module._buffers[attr] = buffers[name].to(value)
+
+
+def _clean_config(model: nn.Module) -> Any:
+    from sentinel_core.surgery import CONFIG_KEY
+
+    config = copy.deepcopy(model.config)
+    for key in (CONFIG_KEY, FORMAT_KEY, DENSE_KEY):
+        if hasattr(config, key):
+            delattr(config, key)
+    config.architectures = [type(model).__name__]
+    return config
+
+
+def _save_extras(model: nn.Module, tokenizer: Any, directory: Path) -> None:
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+# ---------------------------------------------------------------- saving
+
+
+def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, dense: bool = False) -> Path:
+    """Save ``model`` (and ``tokenizer``, which may be None) to the directory ``path``, atomically.
+
+    ``dense=False`` writes a Sentinel checkpoint (compact shapes, head map, gates), opened with
+    :func:`load_model`; plain ``from_pretrained`` refuses it. ``dense=True`` writes an ordinary
+    transformers checkpoint in the original shapes with removed and masked heads zeroed; it
+    raises SentinelError if grown heads are active. Returns the directory.
+    """
+    from safetensors.torch import save_model as save_safetensors
+
+    from sentinel_core.surgery import CONFIG_KEY, dense_state_dict, get_head_map
+
+    target = Path(path)
+    head_map = get_head_map(model)
+    if dense:
+        state = dense_state_dict(model)
+        config = _clean_config(model)
+        h = head_map.original_num_heads
+        zeroed = {
+            str(layer): sorted(i for i in set(head_map.removed(layer)) | set(head_map.masked(layer)) if i < h)
+            for layer in range(head_map.num_layers)
+        }
+        # Informational for plain transformers; load_model uses it to re-gate the zeroed heads
+        # and to restore the attention implementation.
+        setattr(
+            config,
+            DENSE_KEY,
+            {
+                "zeroed_heads": {k: v for k, v in zeroed.items() if v},
+                "attn_implementation": _attn_implementation(model),
+            },
+        )
+        from transformers import AutoModelForCausalLM
+
+        dense_model = AutoModelForCausalLM.from_config(
+            config, dtype=_dtype_of(model), attn_implementation=_attn_implementation(model)
+        )
+        dense_model.load_state_dict(state, strict=True)
+        dense_model.generation_config = copy.deepcopy(
+            getattr(model, "generation_config", dense_model.generation_config)
+        )
+        with _atomic_directory(target) as tmp:
+            dense_model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return target
+
+    config = _clean_config(model)
+    setattr(config, CONFIG_KEY, head_map.to_dict())
+    setattr(
+        config,
+        FORMAT_KEY,
+        {
+            "format_version": FORMAT_VERSION,
+            "weights": WEIGHTS_NAME,
+            "dtype": str(_dtype_of(model)).removeprefix("torch."),
+            "attn_implementation": _attn_implementation(model),
+            "buffer_dtypes": _transient_buffer_dtypes(model),
+        },
+    )
+    with _atomic_directory(target) as tmp:
+        config.save_pretrained(tmp)
+        save_safetensors(
+            model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "sentinel_format": str(FORMAT_VERSION)}
+        )
+        _save_extras(model, tokenizer, tmp)
+    return target
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _looks_local(name: str) -> bool:
+    # Hub names are "name" or "org/name"; anything else that is not a directory is a bad path.
+    return name.startswith(_HUB_PREFIXES) or name.count("/") > 1 or "\\" in name or Path(name).exists()
+
+
+def _load_tokenizer(path: str, trust_remote_code: bool) -> Any:
+    from transformers import AutoTokenizer
+
+    directory = Path(path)
+    markers = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+    if directory.is_dir() and not any((directory / m).exists() for m in markers):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        if directory.is_dir():
+            raise SentinelError(f"the tokenizer in {path!r} cannot be read ({str(exc).splitlines()[0]})") from None
+        return None
+
+
+def _load_sentinel(
+    directory: Path,
+    dtype: torch.dtype | None,
+    attn_implementation: str | None,
+    trust_remote_code: bool,
+) -> nn.Module:
+    from safetensors.torch import load_model as load_safetensors
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sentinel_core.surgery import CONFIG_KEY, HeadMap, apply_head_map
+
+    config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    record = getattr(config, FORMAT_KEY, None) or {}
+    if record.get("format_version") != FORMAT_VERSION:
+        raise SentinelError(
+            f"{str(directory)!r} has Sentinel checkpoint format {record.get('format_version')!r}; "
+            f"this Sentinel reads format {FORMAT_VERSION}"
+        )
+    head_map_data = getattr(config, CONFIG_KEY, None)
+    if head_map_data is None:
+        raise SentinelError(f"{str(directory)!r} has {WEIGHTS_NAME} but its config.json lacks {CONFIG_KEY}")
+    head_map = HeadMap.from_dict(head_map_data)
+    model = AutoModelForCausalLM.from_config(
+        config,
+        dtype=dtype or _parse_dtype(record.get("dtype", "float32")),
+        attn_implementation=attn_implementation or record.get("attn_implementation"),
+        trust_remote_code=trust_remote_code,
+    )
+    if hasattr(model.config, FORMAT_KEY):
+        delattr(model.config, FORMAT_KEY)  # describes the files, not the live model
+    apply_head_map(model, head_map)
+    if dtype is None:
+        _restore_buffer_dtypes(model, record.get("buffer_dtypes") or {})
+    try:
+        missing, unexpected = load_safetensors(model, str(directory / WEIGHTS_NAME), strict=False)
+    except RuntimeError as exc:
+        raise SentinelError(
+            f"{str(directory / WEIGHTS_NAME)!r} does not match its head map ({str(exc).splitlines()[0]})"
+        ) from None
+    if missing or unexpected:
+        raise SentinelError(
+            f"{str(directory / WEIGHTS_NAME)!r} does not match its config: missing {sorted(missing)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}"
+        )
+    if (directory / "generation_config.json").exists():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(directory)
+    return model
+
+
+def _dense_record(directory: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        record = json.loads((directory / "config.json").read_text(encoding="utf-8")).get(DENSE_KEY)
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _load_plain(
+    name: str, dtype: torch.dtype | None, attn_implementation: str | None, trust_remote_code: bool
+) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if attn_implementation is None and Path(name).is_dir():
+        attn_implementation = _dense_record(Path(name)).get("attn_implementation")
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    except ValueError as exc:
+        message = str(exc).splitlines()[0]
+        if "Unrecognized configuration class" in message or "AutoModelForCausalLM" in message:
+            raise SentinelError(
+                f"{name!r} is not a causal language model ({message[:160]}); Sentinel needs a model "
+                f"that AutoModelForCausalLM can open, such as gpt2 or a LLaMA-family model"
+            ) from None
+        raise SentinelError(f"cannot open model {name!r}: {message[:200]}") from None
+    except OSError as exc:
+        raise SentinelError(
+            f"cannot open model {name!r}: {str(exc).splitlines()[0][:200]}; give a local model directory "
+            f"or a hub model name"
+        ) from None
+    except RuntimeError as exc:  # e.g. a size mismatch between config and weights
+        raise SentinelError(f"cannot load the weights of {name!r}: {str(exc).splitlines()[0][:200]}") from None
+    dense = getattr(model.config, DENSE_KEY, None)
+    if isinstance(dense, dict) and dense.get("zeroed_heads"):
+        # The zeroed heads would come back under fine-tuning; gate them so they stay silent.
+        from sentinel_core.surgery import mask_heads
+
+        mask_heads(model, {int(layer): ids for layer, ids in dense["zeroed_heads"].items()})
+    return model
+
+
+def load_model(
+    name_or_path: str | os.PathLike,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[nn.Module, Any]:
+    """Open a Sentinel checkpoint, or any HF causal-LM directory or hub name; returns ``(model, tokenizer)``.
+
+    A Sentinel checkpoint is rebuilt from its head map and reloaded with the dtype and attention
+    implementation it was saved with (unless overridden), giving bit-identical logits. The
+    tokenizer is None when the directory has none. The model is returned in eval mode.
+    """
+    dtype = _parse_dtype(dtype)
+    name = os.fspath(name_or_path)
+    directory = Path(name).expanduser()
+    if directory.is_dir():
+        if not (directory / "config.json").exists():
+            raise SentinelError(
+                f"{name!r} has no config.json; give a directory written by save_model or save_pretrained"
+            )
+        if (directory / WEIGHTS_NAME).exists():
+            model = _load_sentinel(directory, dtype, attn_implementation, trust_remote_code)
+        elif "sentinel_head_map" in (directory / "config.json").read_text(encoding="utf-8"):
+            raise SentinelError(
+                f"{name!r} holds a model with head surgery saved by save_pretrained, which drops the head "
+                f"layout and gates; save it with sentinel_core.save_model instead"
+            )
+        else:
+            model = _load_plain(str(directory), dtype, attn_implementation, trust_remote_code)
+        tokenizer = _load_tokenizer(str(directory), trust_remote_code)
+    elif _looks_local(name):
+        raise SentinelError(
+            f"model path {name!r} does not exist; give a directory written by save_model or save_pretrained"
+        )
+    else:
+        model = _load_plain(name, dtype, attn_implementation, trust_remote_code)
+        tokenizer = _load_tokenizer(name, trust_remote_code)
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    return model, tokenizer

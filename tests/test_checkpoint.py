@@ -1,0 +1,168 @@
+"""Sentinel checkpoints: exact reload, refusal by plain transformers, dense export, plain HF dirs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from surgery_fixtures import ATTN, inputs, logits, tiny_gpt2, tiny_llama, tiny_qwen2
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, ViTConfig, ViTModel
+
+from sentinel_core.checkpoint import WEIGHTS_NAME, load_model, save_model
+from sentinel_core.errors import SentinelError
+from sentinel_core.surgery import get_head_map, grow_heads, mask_heads, prune_heads
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{w: i + 1 for i, w in enumerate("the cat sat on a mat".split())}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def operated(make, attn: str):
+    model = make(attn)
+    prune_heads(model, {0: [1], 1: [0, 1, 2, 3]})
+    grow_heads(model, {1: 1, 0: 1}, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():  # give the grown heads a voice so the reload test can see them
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    mask_heads(model, {0: [3]})
+    return model
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama, tiny_qwen2], ids=["gpt2", "llama", "qwen2"])
+def test_save_load_is_bit_identical(tmp_path: Path, make, attn: str) -> None:
+    model, x = operated(make, attn), inputs()
+    save_model(model, None, tmp_path / "ck")
+    loaded, tokenizer = load_model(tmp_path / "ck")
+    assert tokenizer is None
+    assert loaded.config._attn_implementation == attn
+    assert get_head_map(loaded).to_dict() == get_head_map(model).to_dict()
+    assert torch.equal(logits(loaded, x), logits(model, x))
+    stored = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert stored["sentinel_head_map"] == get_head_map(model).to_dict()
+    assert stored.get("num_attention_heads", stored.get("n_head")) == 4  # config still validates
+
+
+def test_dtype_is_recorded_and_restored(tmp_path: Path) -> None:
+    model, x = tiny_llama("eager").to(torch.bfloat16), inputs()
+    prune_heads(model, {0: [2]})
+    save_model(model, None, tmp_path / "bf16")
+    loaded, _ = load_model(tmp_path / "bf16")
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(logits(loaded, x), logits(model, x))
+    as_float, _ = load_model(tmp_path / "bf16", dtype="float32")
+    assert as_float.model.embed_tokens.weight.dtype == torch.float32
+    with pytest.raises(SentinelError, match="not a torch floating dtype"):
+        load_model(tmp_path / "bf16", dtype="int8")
+
+
+@pytest.mark.parametrize("surgery", ["compact", "masked"])
+def test_plain_from_pretrained_refuses_a_sentinel_checkpoint(tmp_path: Path, surgery: str) -> None:
+    model = tiny_gpt2()
+    if surgery == "compact":
+        prune_heads(model, {0: [0]})
+    else:
+        mask_heads(model, {0: [0]})
+    save_model(model, None, tmp_path / "ck")
+    assert (tmp_path / "ck" / WEIGHTS_NAME).exists()
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+
+
+@pytest.mark.parametrize("attn", ATTN)
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_dense_export_loads_in_plain_transformers(tmp_path: Path, make, attn: str) -> None:
+    model, x = make(attn), inputs()
+    prune_heads(model, {0: [1, 2], 1: [3]})
+    mask_heads(model, {1: [0]})
+    save_model(model, word_tokenizer(), tmp_path / "dense", dense=True)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dense", attn_implementation=attn).eval()
+    assert plain.config.to_dict().get("sentinel_head_map") is None
+    torch.testing.assert_close(logits(plain, x), logits(model, x), atol=1e-5, rtol=0)
+    # load_model re-gates the zeroed heads, so fine-tuning cannot revive them
+    again, tokenizer = load_model(tmp_path / "dense")
+    assert get_head_map(again).masked(0) == [1, 2] and get_head_map(again).masked(1) == [0, 3]
+    assert again.config._attn_implementation == attn
+    assert torch.equal(logits(again, x), logits(plain, x))
+    assert tokenizer("the cat sat")["input_ids"] == [1, 2, 3]
+
+
+def test_dense_export_refuses_active_grown_heads(tmp_path: Path) -> None:
+    model, x = tiny_gpt2(), inputs()
+    grow_heads(model, {0: 1})
+    with pytest.raises(SentinelError, match="grown heads"):
+        save_model(model, None, tmp_path / "d", dense=True)
+    assert not (tmp_path / "d").exists()
+    mask_heads(model, {0: [4]})  # a silent grown head can be dropped
+    save_model(model, None, tmp_path / "d", dense=True)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "d").eval()
+    torch.testing.assert_close(logits(plain, x), logits(model, x), atol=1e-5, rtol=0)
+
+
+def test_plain_hf_directory_and_tokenizer(tmp_path: Path) -> None:
+    model, x = tiny_llama(), inputs()
+    model.save_pretrained(tmp_path / "hf")
+    word_tokenizer().save_pretrained(tmp_path / "hf")
+    loaded, tokenizer = load_model(str(tmp_path / "hf"))
+    assert torch.equal(logits(loaded, x), logits(model, x))
+    assert tokenizer.decode(tokenizer("a mat")["input_ids"]) == "a mat"
+    assert get_head_map(loaded).is_original()
+    # and a loaded plain model can go through surgery and a Sentinel round trip
+    prune_heads(loaded, {1: [0]})
+    save_model(loaded, tokenizer, tmp_path / "hf")  # overwrite in place, atomically
+    reloaded, tok2 = load_model(tmp_path / "hf")
+    assert torch.equal(logits(reloaded, x), logits(loaded, x))
+    assert tok2("the cat")["input_ids"] == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temp or backup dirs left behind
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_loading_errors_are_one_line_sentinel_errors(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    ViTModel(
+        ViTConfig(
+            hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8, patch_size=4
+        )
+    ).save_pretrained(tmp_path / "vit")
+    (tmp_path / "file.txt").write_text("x")
+    cases = [
+        (tmp_path / "missing", "does not exist"),
+        ("./no/such/model", "does not exist"),
+        (tmp_path / "empty", "no config.json"),
+        (tmp_path / "vit", "not a causal language model"),
+        (tmp_path / "file.txt", "does not exist"),
+    ]
+    for path, pattern in cases:
+        with pytest.raises(SentinelError, match=pattern) as info:
+            load_model(path)
+        assert "\n" not in str(info.value)
+
+
+def test_corrupt_sentinel_checkpoint_raises(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    prune_heads(model, {0: [0]})
+    save_model(model, None, tmp_path / "ck")
+    config_path = tmp_path / "ck" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["sentinel_head_map"]["layers"][0] = [0, 1, 2, 3]  # claims shapes the weights lack
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(SentinelError, match="does not match"):
+        load_model(tmp_path / "ck")
+    with pytest.raises(SentinelError, match="a file"):
+        save_model(model, None, config_path)
+
+
+def test_save_pretrained_of_an_operated_model_is_refused(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    mask_heads(model, {0: [1]})
+    model.save_pretrained(tmp_path / "hf")  # config carries the head map, weights lack the gates
+    with pytest.raises(SentinelError, match="save_model"):
+        load_model(tmp_path / "hf")
