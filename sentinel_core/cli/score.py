@@ -1,0 +1,100 @@
+"""``sentinel score``: the importance of every attention head, as a table or as JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from . import cli
+from .options import device_option, model_option, resolve_model, seed_option, trust_option
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..config import ExperimentConfig
+    from ..results import HeadScores
+
+data_option = click.option("--data", default=None,
+                           help="Calibration text: Hub dataset NAME[:CONFIG], local file/folder, or 'demo'. "
+                                "Data-free scorers (magnitude, random) do without.")
+batch_size_option = click.option("--batch-size", type=int, default=8, show_default=True)
+calibration_option = click.option("--calibration-batches", type=int, default=8, show_default=True,
+                                  help="Batches of training text the scorer sees.")
+block_size_option = click.option("--block-size", type=int, default=128, show_default=True)
+
+
+def load_for_scoring(config: ExperimentConfig) -> tuple[Any, Any, list[dict[str, Any]]]:
+    """Load the model, its tokenizer and the calibration batches that ``config`` names.
+
+    The batches are the first ``calibration_batches`` of the shuffled training blocks (seeded),
+    as ``sentinel run`` takes them. Without ``config.data`` the list is empty.
+    """
+    from ..checkpoint import load_model
+    from ..config import resolve_device
+
+    device = resolve_device(config.device)
+    model, tokenizer = load_model(resolve_model(config.model_name), device=device,
+                                  attn_implementation=config.attn_implementation,
+                                  trust_remote_code=config.trust_remote_code)
+    model.eval()
+    calibration: list[dict[str, Any]] = []
+    if config.data is not None:
+        from ..data import batches, load_data
+
+        if tokenizer is None:
+            from ..errors import SentinelError
+
+            raise SentinelError(f"model {config.model_name!r} has no tokenizer files; save one with the model")
+        data = load_data(config.data, tokenizer, block_size=config.block_size, seed=config.seed)
+        for batch in batches(data.train.blocks, config.batch_size, shuffle=True, seed=config.seed):
+            calibration.append(batch)
+            if len(calibration) >= config.calibration_batches:
+                break
+    return model, tokenizer, calibration
+
+
+def score_table(scores: HeadScores) -> str:
+    """Layers as rows, head ids as columns; NaN (heads not active) shown as ``-``."""
+    matrix = scores.scores.tolist()
+    width = len(matrix[0]) if matrix else 0
+    cells = [[("-" if math.isnan(v) else f"{v:.4g}") for v in row] for row in matrix]
+    col = max([len(c) for row in cells for c in row] + [len(str(width - 1)) if width else 1, 4])
+    label = max(len("layer"), len(str(len(matrix) - 1)))
+    lines = [f"{'layer':>{label}}  " + "  ".join(f"{h:>{col}}" for h in range(width))]
+    for layer, row in enumerate(cells):
+        lines.append(f"{layer:>{label}}  " + "  ".join(f"{c:>{col}}" for c in row))
+    return "\n".join(lines)
+
+
+@cli.command("score")
+@model_option
+@data_option
+@click.option("--scorer", default="entropy", show_default=True, help="Head-importance strategy (see `sentinel plugins`).")
+@seed_option
+@batch_size_option
+@calibration_option
+@block_size_option
+@device_option
+@trust_option
+@click.option("--json", "as_json", is_flag=True, help="Print HeadScores as JSON (NaN as null).")
+def score_command(model: str, data: str | None, scorer: str, seed: int, batch_size: int, calibration_batches: int,
+                  block_size: int, device: str, trust_remote_code: bool, as_json: bool) -> None:
+    """Score every attention head of MODEL (higher = more important) and print the matrix."""
+    from .. import hooks
+    from ..config import ExperimentConfig
+    from ..plugins import load_plugins
+
+    config = ExperimentConfig(model_name=model, data=data, scorer=scorer, seed=seed, batch_size=batch_size,
+                              calibration_batches=calibration_batches, block_size=block_size, device=device,
+                              trust_remote_code=trust_remote_code)
+    load_plugins()
+    hooks.check_strategy("score_heads", scorer)
+    loaded, _, calibration = load_for_scoring(config)
+    result = hooks.score_heads(scorer, model=loaded, batches=calibration, config=config)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    click.echo(f"{scorer} scores (higher = more important; '-' = not active), "
+               f"{result.tokens_seen} tokens, {result.seconds:.2f} s")
+    click.echo(score_table(result))
