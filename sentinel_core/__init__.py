@@ -27,7 +27,10 @@ _LAZY = {
     "MetricEvent": ".metrics",
 }
 
-__all__ = ["__version__", "hookimpl", *_LAZY]
+__all__ = [  # noqa: F822 - the lazy names resolve through __getattr__
+    "__version__", "hookimpl", "ExperimentConfig", "run_experiment", "generate_text", "save_model", "load_model",
+    "SentinelError", "HeadScores", "PruneResult", "FineTuneResult", "GrowthResult", "Strategy", "MetricEvent",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .checkpoint import load_model, save_model

@@ -72,7 +72,7 @@ def _logits(output: Any) -> torch.Tensor:
     return logits
 
 
-def _max_positions(model: nn.Module) -> int | None:
+def max_positions(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     for name in ("n_positions", "max_position_embeddings"):
         value = getattr(config, name, None)
@@ -81,7 +81,7 @@ def _max_positions(model: nn.Module) -> int | None:
     return None
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -137,13 +137,13 @@ def evaluate(
         raise SentinelError(f"batch_size={batch_size!r} must be an integer >= 1")
     if n < 2:
         raise SentinelError(f"ids has {n} token(s); perplexity needs at least 2")
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is not None and block_size > limit:
         raise SentinelError(f"block_size={block_size} exceeds the model's {limit} positions; "
                             f"use block_size <= {limit}")
 
-    target = torch.device(device) if device is not None else _model_device(model)
-    if _model_device(model) != target:
+    target = torch.device(device) if device is not None else model_device(model)
+    if model_device(model) != target:
         model.to(target)
 
     from transformers import PreTrainedModel

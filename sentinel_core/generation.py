@@ -15,6 +15,7 @@ from torch import nn
 
 from sentinel_core.data import collate
 from sentinel_core.errors import SentinelError
+from sentinel_core.evaluation import max_positions, model_device
 
 __all__ = ["generate_text", "stream_text"]
 
@@ -57,21 +58,6 @@ def _encode(tokenizer: Any, prompts: list[str]) -> list[list[int]]:
     return encoded
 
 
-def _max_positions(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("n_positions", "max_position_embeddings"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
-
 def generate_text(
     model: nn.Module,
     tokenizer: Any,
@@ -107,13 +93,13 @@ def generate_text(
 
     encoded = _encode(tokenizer, prompts)
     prompt_len = max(len(ids) for ids in encoded)
-    limit = _max_positions(model)
+    limit = max_positions(model)
     if limit is not None and prompt_len + max_new_tokens > limit:
         raise SentinelError(f"prompt ({prompt_len} tokens) + max_new_tokens={max_new_tokens} exceeds "
                             f"the model's {limit} positions; use max_new_tokens <= "
                             f"{max(limit - prompt_len, 0)} or a shorter prompt")
 
-    device = _model_device(model)
+    device = model_device(model)
     batch = collate(encoded, pad_id, padding_side="left")
     input_ids = batch["input_ids"].to(device)
     attention_mask = batch["attention_mask"].to(device)

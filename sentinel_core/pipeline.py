@@ -195,11 +195,13 @@ class _Run:
     def _load(self) -> None:
         from .checkpoint import load_model
         from .data import load_data
-        from .defaults import resolve_model_and_data
+        from .defaults import demo_run_config, is_demo_model, resolve_model_and_data
 
-        c = self.config
         checkpoint = self.state.get("last_model_checkpoint")
-        model_source, data_source = resolve_model_and_data(c, announce=not checkpoint)
+        model_source, data_source = resolve_model_and_data(self.config, announce=not checkpoint)
+        if is_demo_model(model_source):
+            self.config = demo_run_config(self.config)
+        c = self.config
         if checkpoint:
             model_source = str(self.output_dir / "checkpoints" / checkpoint)
         self.model, self.tokenizer = load_model(

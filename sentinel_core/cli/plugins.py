@@ -25,6 +25,6 @@ def plugins_command(as_json: bool) -> None:
         rows.append((plugin["name"], plugin["version"] or "", ", ".join(plugin["hooks"]), strategies))
     widths = [max(len(row[i]) for row in rows) for i in range(3)]
     for row in rows:
-        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths)) + "  " + row[3])
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)) + "  " + row[3])
     for failure in failures:
         click.echo(f"! {failure.describe()}")
