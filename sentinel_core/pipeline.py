@@ -131,6 +131,7 @@ class _Run:
         transformers.set_seed(c.seed)
         self.device = resolve_device(c.device)
         self._load()
+        c = self.config  # _load may have filled in the demo model's settings
         results = self.state["results"]
 
         if not self._done("baseline"):
@@ -302,6 +303,8 @@ class _Run:
                          "transformers": transformers.__version__, "python": platform.python_version(),
                          "plugins": {p["name"]: p["version"] for p in _plugin_versions()}},
             "config": self.requested.to_dict(),
+            # What actually ran: test mode and the demo model's defaults filled in.
+            "effective_config": self.config.to_dict(),
         }
 
     def _head_count_original(self) -> int:
