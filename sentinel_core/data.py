@@ -511,3 +511,19 @@ def batches(
             yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.clone()}
         else:
             yield collate([blocks[int(i)] for i in idx], pad_id)
+
+
+def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, ...] | None:
+    """``(input_ids, attention_mask, labels)`` of ``batch`` on ``device`` for a causal-LM loss.
+
+    A missing mask means every token is real; missing labels are the ids with padding set to
+    -100. Returns None when no position has a next token to predict (the loss is undefined).
+    """
+    input_ids = batch["input_ids"].to(device)
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
+    labels = batch.get("labels")
+    labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels.to(device)
+    if int((labels[:, 1:] != IGNORE_INDEX).sum()) == 0:
+        return None
+    return input_ids, mask, labels

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ..data import loss_inputs
 from ..errors import SentinelError
 from ..hookspecs import hookimpl
 from ..results import HeadScores, Strategy
@@ -69,13 +70,10 @@ def gradient_scores(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
             layers = [layer for layer, gate in gates.items() if gate.numel() > 0]
             sums = {layer: torch.zeros(gates[layer].numel(), dtype=torch.float64) for layer in layers}
             for batch in batches:
-                input_ids = batch["input_ids"].to(device)
-                mask = batch.get("attention_mask")
-                mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-                labels = batch.get("labels")
-                labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels.to(device)
-                if int((labels[:, 1:] != IGNORE_INDEX).sum()) == 0:
+                prepared = loss_inputs(batch, device)
+                if prepared is None:
                     continue  # nothing to predict: the loss is undefined
+                input_ids, mask, labels = prepared
                 loss = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
                 grads = torch.autograd.grad(loss, [gates[layer] for layer in layers], allow_unused=True)
                 for layer, grad in zip(layers, grads, strict=True):

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sentinel_core.data import loss_inputs
 from sentinel_core.errors import SentinelError
 from sentinel_core.surgery import get_adapter, get_head_map, grow_heads
 
@@ -104,13 +105,10 @@ def candidate_gains(
     used = tokens = 0
     with torch.enable_grad():
         for batch in batches:
-            input_ids = batch["input_ids"].to(device)
-            mask = batch.get("attention_mask")
-            mask = torch.ones_like(input_ids) if mask is None else mask.to(device)
-            labels = batch.get("labels")
-            labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels.to(device)
-            if int((labels[:, 1:] != IGNORE_INDEX).sum()) == 0:
-                continue  # nothing to predict: this batch has no loss
+            prepared = loss_inputs(batch, device)
+            if prepared is None:
+                continue  # nothing to predict: the loss is undefined
+            input_ids, mask, labels = prepared
             loss = probe(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
             for total, grad in zip(sums, torch.autograd.grad(loss, weights), strict=True):
                 total += grad.double()
