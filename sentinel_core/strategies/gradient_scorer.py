@@ -29,6 +29,7 @@ from ..errors import SentinelError
 from ..hookspecs import hookimpl
 from ..results import HeadScores, Strategy
 from ..surgery import gate_tensors, get_head_map
+from ..training import causal_lm_loss
 
 NAME = "gradient"
 IGNORE_INDEX = -100
@@ -74,7 +75,11 @@ def gradient_scores(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]
                 if prepared is None:
                     continue  # nothing to predict: the loss is undefined
                 input_ids, mask, labels = prepared
-                loss = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
+                # Sentinel's own loss (the training loop's), not the model's labels= path:
+                # the same numbers, and GPT-2 does not warn about an unknown loss_type.
+                nll, count = causal_lm_loss(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits,
+                                            labels)
+                loss = nll / count
                 grads = torch.autograd.grad(loss, [gates[layer] for layer in layers], allow_unused=True)
                 for layer, grad in zip(layers, grads, strict=True):
                     if grad is not None:

@@ -36,6 +36,7 @@ from torch import nn
 from sentinel_core.data import loss_inputs
 from sentinel_core.errors import SentinelError
 from sentinel_core.surgery import get_adapter, get_head_map, grow_heads
+from sentinel_core.training import causal_lm_loss
 
 IGNORE_INDEX = -100
 
@@ -109,7 +110,8 @@ def candidate_gains(
             if prepared is None:
                 continue  # nothing to predict: the loss is undefined
             input_ids, mask, labels = prepared
-            loss = probe(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False).loss
+            nll, count = causal_lm_loss(probe(input_ids=input_ids, attention_mask=mask, use_cache=False).logits, labels)
+            loss = nll / count  # the mean token loss, as the training loop's objective
             for total, grad in zip(sums, torch.autograd.grad(loss, weights), strict=True):
                 total += grad.double()
             used += 1
