@@ -411,7 +411,7 @@ class _Trainer:
         if found is None:
             if self.is_main:
                 ckpt.clear(self.directory)
-            self.accelerator.wait_for_everyone()
+            self._barrier()
         else:
             self._load_checkpoint(found)
             self._seconds_before = self.state.seconds
@@ -573,6 +573,19 @@ class _Trainer:
                     self._save_checkpoint()
             raise _GracefulStop()
 
+    def _barrier(self) -> None:
+        """Wait for every process. On CPU this is torch's plain barrier: Accelerate's
+        ``wait_for_everyone`` passes ``device_ids=[local rank]``, and torch then runs even a gloo
+        barrier on the machine's accelerator (``cuda:<local rank>``), so CPU training in two
+        processes failed on a machine with one GPU (seen on an H100 machine)."""
+        acc = self.accelerator
+        if acc.num_processes > 1 and acc.device.type == "cpu":
+            import torch.distributed as dist
+
+            dist.barrier()
+        else:
+            acc.wait_for_everyone()
+
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         import torch.distributed as dist
 
@@ -653,7 +666,7 @@ class _Trainer:
         state.seconds = self._elapsed()
         if self.is_main:
             ckpt.begin_checkpoint(self.directory, name)
-        acc.wait_for_everyone()
+        self._barrier()
         tmp = ckpt.temp_dir_for(self.directory, name)
         if result is None:
             mid_step = previous_phase == "step" and self._rng_at_step_start is not None
@@ -683,12 +696,12 @@ class _Trainer:
             else:
                 record["result"] = result
             ckpt.write_json(tmp / ckpt.STATE_FILE, record)
-        acc.wait_for_everyone()
+        self._barrier()
         if self.is_main:
             ckpt.commit_checkpoint(self.directory, name)
             if result is None:
                 ckpt.remove_old(self.directory, self.opts["keep_checkpoints"], protect=self._is_rollback_target)
-        acc.wait_for_everyone()
+        self._barrier()
         if result is None:
             self._saved_step = state.step
         self.phase = previous_phase

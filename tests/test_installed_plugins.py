@@ -39,7 +39,7 @@ def _pip_install(target: Path, *projects: Path) -> None:
 
 
 def _sentinel(target: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT)]), **env}
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(target), str(ROOT), os.environ.get("PYTHONPATH", "")]), **env}
     environ.pop("SENTINEL_DISABLE_PLUGIN_AUTOLOAD", None)
     return subprocess.run([sys.executable, "-m", "sentinel_core", *args], capture_output=True, text=True,
                           env=environ, timeout=900)

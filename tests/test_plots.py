@@ -195,7 +195,8 @@ def test_plotting_leaves_pyplot_alone(tmp_path):
             f"files = plot_run({str(tmp_path)!r}); assert len(files) == 3, files; "
             "assert 'matplotlib.pyplot' not in sys.modules, 'pyplot was imported'")
     # A user's interactive backend choice must not matter: plotting never resolves it.
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "MPLBACKEND": "TkAgg"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                     os.environ.get("PYTHONPATH", "")]), "MPLBACKEND": "TkAgg"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
 

@@ -148,7 +148,7 @@ def test_warmup_during_real_training_ends_resolved_and_reloads_exactly(growth_pl
     assert seen == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 1.0]
     assert active_warmups() == []
     assert _new_head_gates(model, heads) == [1.0] * sum(len(v) for v in heads.values())
-    model.eval()
+    model.eval().cpu()  # train() put it on the best device; the reload below is on the CPU
     save_model(model, None, tmp_path / "saved")
     reloaded, _ = load_model(tmp_path / "saved")
     x = torch.randint(100, (2, 12), generator=torch.Generator().manual_seed(2))
