@@ -10,6 +10,7 @@ and writes one PNG with a panel for each.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 from pathlib import Path
 
@@ -17,6 +18,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from sentinel_core.fileio import write_bytes_atomic
+
+
+def _seeds(seeds: list[int]) -> str:
+    return f"median of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
 
 
 def main() -> None:
@@ -31,10 +36,10 @@ def main() -> None:
     FigureCanvasAgg(figure)
     panels = [
         (before["median_perplexity"], before["baseline_perplexity"], "unpruned",
-         f"after pruning, median of {len(before['seeds'])} seeds"),
+         f"after pruning, {_seeds(before['seeds'])}"),
         (after["median_fine_tuned_perplexity"], min(after["reference_fine_tuned_perplexity"]),
          "unpruned, fine-tuned the same",
-         f"after {after['fine_tune_steps']} fine-tuning steps, seed {','.join(map(str, after['seeds']))}"),
+         f"after {after['fine_tune_steps']} fine-tuning steps, {_seeds(after['seeds'])}"),
     ]
     for index, (medians, reference, reference_label, title) in enumerate(panels, start=1):
         axes = figure.add_subplot(1, 2, index)
@@ -43,6 +48,10 @@ def main() -> None:
             axes.plot([100 * float(p) for p in percents], [by_percent[p] for p in percents], marker="o",
                       label=scorer, linestyle="--" if scorer == "random" else "-")
         axes.axhline(reference, color="grey", linewidth=1, linestyle=":", label=reference_label)
+        # Keep the reference line inside the panel with a margin, not on its edge.
+        values = [reference, *(v for by_percent in medians.values() for v in by_percent.values())]
+        pad = 0.06 * (max(values) - min(values))
+        axes.set_ylim(min(values) - pad, max(values) + pad)
         axes.set_title(title, fontsize=10)
         axes.set_xlabel("heads removed (%)")
         axes.set_ylabel("validation perplexity")
@@ -50,8 +59,6 @@ def main() -> None:
         axes.legend(fontsize=8)
     figure.suptitle("Demo model: perplexity against pruning, per scorer", fontsize=11)
     figure.tight_layout()
-    import io
-
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", facecolor="white")
     write_bytes_atomic(args.out, buffer.getvalue())
