@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import random
 import statistics
 import sys
@@ -49,6 +48,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from sentinel_core.fileio import write_json_atomic  # noqa: E402
 from sentinel_core.surgery import get_head_map, mask_heads, prune_heads  # noqa: E402
 
 hf_logging.set_verbosity_error()
@@ -254,10 +254,8 @@ def main() -> None:
             t = row["throughput_vs_eager_forward"]
             print(f"{name:14} {row['median_s'] * 1000:8.1f} ms  vs eager forward {t['median']:.2f} "
                   f"[{t['q1']:.2f}, {t['q3']:.2f}]  vs sdpa forward {row['throughput_vs_sdpa_forward']:.2f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_json_atomic(args.out, result)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
