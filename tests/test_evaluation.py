@@ -78,7 +78,7 @@ def test_stride_equal_block_matches_naive_blocks(model, n):
     assert r.loss == pytest.approx(expected, rel=1e-5)
     assert r.perplexity == pytest.approx(math.exp(expected), rel=1e-5)
     assert r.input_tokens == n
-    assert r.tokens_per_second == pytest.approx(r.input_tokens / r.seconds)
+    assert 0 < r.tokens_per_second < math.inf  # what it times: test_throughput_leaves_out_the_first_batch...
 
 
 def guide_loop(model, ids, block, stride):
@@ -206,3 +206,41 @@ def test_count_parameters_fallback_by_layer_path():
             self.transformer = Body()
 
     assert count_parameters(Model()) == {"total": 2 * (20 + 40), "attention": 40}
+
+
+class Clock:
+    """A fake ``time.perf_counter`` that only the model advances."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class SlowFirstCall(ZeroLogits):
+    """Costs 100 clock seconds on its first forward (a cold start) and 1 on every later one."""
+
+    def __init__(self, vocab: int, clock: Clock):
+        super().__init__(vocab)
+        self.clock, self.calls = clock, 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        self.clock.now += 100.0 if self.calls == 1 else 1.0
+        return super().forward(input_ids, attention_mask)
+
+
+def test_throughput_leaves_out_the_first_batch_but_seconds_count_everything(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr("sentinel_core.evaluation.time.perf_counter", clock)
+    model = SlowFirstCall(V, clock)
+    # 6 windows of 16 tokens in batches of 2: three forwards, 32 tokens each.
+    result = evaluate(model, random_ids(6 * 16), block_size=16, batch_size=2)
+    assert model.calls == 3 and result.input_tokens == 96
+    assert result.seconds == pytest.approx(102.0)
+    assert result.tokens_per_second == pytest.approx(64 / 2.0)  # the two warm batches only
+    # With a single batch there is nothing warm to time: all of it counts.
+    clock.now, model.calls = 0.0, 0
+    single = evaluate(model, random_ids(2 * 16), block_size=16, batch_size=2)
+    assert single.tokens_per_second == pytest.approx(32 / 100.0)
