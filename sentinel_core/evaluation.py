@@ -35,8 +35,8 @@ class EvalResult:
     whole evaluation loop. ``tokens_per_second`` is the model's throughput in input tokens
     (every token fed through the model, overlap included, padding excluded) per second, timed
     from the end of the first batch when there are several: the first forward pays one-off
-    costs (on a GPU the CUDA context and kernel selection), which made an unpruned model's
-    first evaluation look a third slower than the pruned model's.
+    costs (on a GPU the CUDA context and kernel selection), which would otherwise be charged
+    to whichever model a run evaluates first.
     """
 
     loss: float
