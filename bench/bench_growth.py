@@ -8,13 +8,14 @@ physical removal):
   original heads back with the strategy, fine-tune ``steps - steps // 2``.
 
 Every arm ends with the same number of heads and has taken the same number of optimizer steps
-(the plain fine-tuner: AdamW, warm-up then cosine, ``--learning-rate``). The table gives
+(``--fine-tuner``, default ``plain``: AdamW, warm-up then cosine, ``--learning-rate``;
+``adaptive`` gives touched layers and grown heads their boosts). The table gives
 held-out perplexity (the first ``--max-eval-blocks`` blocks of the validation split) after
 each phase, and the test split's when the data has one; per-seed values and timings go to the
 JSON file.
 
     python bench/bench_growth.py [--model PATH] [--data SPEC] [--steps 200]
-        [--strategies gradient,entropy-gap,balanced,random] [--seeds 0]
+        [--strategies gradient,entropy-gap,balanced,random] [--seeds 0] [--fine-tuner plain]
         [--out bench/results/growth.json]
 
 Without ``--model`` the demo model is used (built on first use, several minutes), with
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--prune-from", type=float, default=0.5)
     parser.add_argument("--prune-to", type=float, default=0.3)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--fine-tuner", default="plain",
+                        help="the fine_tune strategy every arm trains with (e.g. adaptive, from sentinel-adaptive)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--calibration-batches", type=int, default=8)
@@ -133,7 +136,7 @@ def main() -> None:
             def fine_tune(m, steps: int, stage: str, arm: str, config=config, seed=seed):
                 out = Path(workdir) / f"{arm.replace(' ', '_').replace('%', '')}-{seed}"
                 cfg = config.replace(max_steps=steps, output_dir=str(out))
-                return hooks.fine_tune("plain", model=m, tokenizer=tokenizer, data=data, config=cfg, stage=stage)
+                return hooks.fine_tune(args.fine_tuner, model=m, tokenizer=tokenizer, data=data, config=cfg, stage=stage)
 
             # Straight to the target.
             t0 = time.perf_counter()
@@ -185,6 +188,7 @@ def main() -> None:
     record = {
         "model": model_path, "data": args.data, "seeds": seeds, "scorer": args.scorer, "steps": args.steps,
         "prune_from": args.prune_from, "prune_to": args.prune_to, "learning_rate": args.learning_rate,
+        "fine_tuner": args.fine_tuner,
         "batch_size": args.batch_size, "block_size": args.block_size, "eval_tokens": int(eval_ids.numel()),
         "baseline_perplexity": baseline, "runs": runs,
         "median_final_perplexity": {arm: median(arm, "final") for arm in arms},
