@@ -188,15 +188,19 @@ def evaluate(
                 # context-only tokens never enter the sum.
                 shift_labels = labels[:, 1:].to(target)
                 keep = shift_labels != IGNORE_INDEX
-                # Row by row, so the float32 copy of the selected logits is one window, not a batch.
+                # Row by row, so the float32 copy of the selected logits is one window, not a batch;
+                # summed on the device and read back once per batch (MPS has no float64).
+                batch_nll = torch.zeros((), dtype=torch.float32 if target.type == "mps" else torch.float64,
+                                        device=target)
                 for i in range(logits.shape[0]):
                     rows = logits[i, :-1][keep[i]].float()
-                    nll_sum += float(F.cross_entropy(rows, shift_labels[i][keep[i]], reduction="sum"))
+                    batch_nll += F.cross_entropy(rows, shift_labels[i][keep[i]], reduction="sum").to(batch_nll.dtype)
+                nll_sum += float(batch_nll)
                 scored += int(keep.sum())
                 fed += int(mask.sum())
                 bar.update(len(group))
                 if warm is None and b + batch_size < len(windows):
-                    # The float() reads above waited for the GPU, so the clock is after the batch.
+                    # float(batch_nll) above waited for the GPU, so the clock is after the batch.
                     warm = (time.perf_counter(), fed)
         if target.type == "cuda":
             torch.cuda.synchronize(target)
