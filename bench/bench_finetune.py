@@ -37,6 +37,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, get_cosine_schedule_with_w
 
 from sentinel_core.config import ExperimentConfig, resolve_device  # noqa: E402
 from sentinel_core.data import LMData, TokenSplit  # noqa: E402
+from sentinel_core.fileio import write_text_atomic  # noqa: E402
 from sentinel_core.hookspecs import hookimpl  # noqa: E402
 from sentinel_core.plugins import pm  # noqa: E402
 from sentinel_core.training import resolve_mixed_precision, train  # noqa: E402
@@ -213,8 +214,7 @@ def main() -> None:
           f"{cpu_ratio:.3f} CPU; goal >= 0.95. {device_name}, mixed precision {precision}, "
           f"{torch.get_num_threads()} thread(s), load average {load_before} -> {_load()}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -194,11 +193,10 @@ def main() -> None:
         "median_final_perplexity": {arm: median(arm, "final") for arm in arms},
         "seconds": time.perf_counter() - start, "torch": torch.__version__, "device": device,
     }
+    from sentinel_core.fileio import write_text_atomic
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

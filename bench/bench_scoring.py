@@ -275,11 +275,10 @@ def main() -> None:
         results["memory_batch"] = args.memory_batch_size
         results["memory"] = memory(counts, ["entropy", "gradient", "entropy-output_attentions"], args.memory_batch_size)
     print_report(results)
+    from sentinel_core.fileio import write_text_atomic
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(results, indent=2) + "\n")
     print(f"\nwrote {out}")
 
 

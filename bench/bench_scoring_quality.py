@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import statistics
 import sys
 import time
@@ -167,11 +166,10 @@ def main() -> None:
         if tuning else None,
         "seconds": time.perf_counter() - start, "torch": torch.__version__,
     }
+    from sentinel_core.fileio import write_text_atomic
+
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 
