@@ -35,61 +35,40 @@ def tiny_gpt2(attn: str = "sdpa", seed: int = 0, **overrides) -> GPT2LMHeadModel
     return model.eval()
 
 
-def tiny_llama(attn: str = "sdpa", seed: int = 0, **overrides) -> LlamaForCausalLM:
+# LLaMA, Qwen2 and Mistral share one layout: 2 layers of 4 query heads of width 8.
+_LLAMA_FAMILY = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    max_position_embeddings=64,
+    bos_token_id=0,
+    eos_token_id=0,
+)
+
+
+def _llama_family(config_cls: type, model_cls: type, attn: str, seed: int, **overrides) -> nn.Module:
     torch.manual_seed(seed)
-    cfg = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    cfg.update(overrides)
-    model = LlamaForCausalLM(LlamaConfig(**cfg, attn_implementation=attn))
+    model = model_cls(config_cls(**{**_LLAMA_FAMILY, **overrides}, attn_implementation=attn))
     _perturb_biases(model)
     return model.eval()
+
+
+def tiny_llama(attn: str = "sdpa", seed: int = 0, **overrides) -> LlamaForCausalLM:
+    return _llama_family(LlamaConfig, LlamaForCausalLM, attn, seed, **overrides)
 
 
 def tiny_qwen2(attn: str = "sdpa", seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    config = Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation=attn,
-    )
-    model = Qwen2ForCausalLM(config)
-    _perturb_biases(model)
-    return model.eval()
+    """Qwen2: LLaMA's layout with biases on q/k/v."""
+    return _llama_family(Qwen2Config, Qwen2ForCausalLM, attn, seed)
 
 
 def tiny_mistral(attn: str = "sdpa", seed: int = 0) -> MistralForCausalLM:
-    torch.manual_seed(seed)
-    config = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=8,
-        max_position_embeddings=64,
-        bos_token_id=0,
-        eos_token_id=0,
-        attn_implementation=attn,
-    )
-    return MistralForCausalLM(config).eval()
+    """Mistral with a single key/value head shared by all four query heads."""
+    return _llama_family(MistralConfig, MistralForCausalLM, attn, seed, num_key_value_heads=1)
 
 
 def _perturb_biases(model: nn.Module) -> None:
