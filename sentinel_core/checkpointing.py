@@ -331,9 +331,14 @@ def remove_old(directory: Path, keep: int, *, protect: Callable[[Path], bool] | 
 
 
 def clear(directory: Path) -> None:
-    """Remove every checkpoint of the stage (a fresh start)."""
-    if directory.exists():
-        shutil.rmtree(directory)
+    """Remove every checkpoint of the stage (a fresh start): only the folders this module names
+    (step checkpoints, ``final``, and unfinished ``.tmp-``/``.old-`` ones), never anything else."""
+    if not directory.is_dir():
+        return
+    for child in directory.iterdir():
+        ours = _STEP_DIR.match(child.name) or child.name == FINAL or child.name.startswith((".tmp-", ".old-"))
+        if ours and child.is_dir():
+            shutil.rmtree(child)
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -61,6 +62,10 @@ class ExperimentConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise SentinelError(f"{f.name} must be a finite number, got {value}")
         _check_range("pruning_percent", self.pruning_percent, 0.0, 1.0, "a fraction in [0, 1), e.g. 0.3")
         _check_range("growth_percent", self.growth_percent, 0.0, 1.0, "a fraction in [0, 1), e.g. 0.1")
         for name in ("num_epochs", "batch_size", "block_size", "eval_every", "gradient_accumulation_steps",

@@ -286,6 +286,9 @@ def _load(source: _Source, cache_dir: str | os.PathLike | None):
         try:
             return datasets.load_dataset(source.builder, data_files=source.data_files, **kwargs)
         except Exception as exc:  # datasets raises many types for unreadable files
+            decode = _cause(exc, UnicodeDecodeError)
+            if decode is not None:
+                raise SentinelError(_not_utf8(source, decode)) from exc
             raise SentinelError(f"could not read {source.label!r} as {source.builder}: "
                                 f"{_one_line(exc)}") from exc
     try:
@@ -296,6 +299,49 @@ def _load(source: _Source, cache_dir: str | os.PathLike | None):
             f"file or folder has that name; check the name and network, or use a local "
             f"{_SUPPORTED_TEXT} file or folder, or 'demo'"
         ) from exc
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``exc``'s chain of causes (datasets wraps them)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _not_utf8(source: _Source, error: UnicodeDecodeError) -> str:
+    """Name the file and the first bad byte: text must be UTF-8 (datasets reads nothing else)."""
+    for path in (p for paths in (source.data_files or {}).values() for p in paths):
+        bad = _first_non_utf8_byte(path)
+        if bad is not None:
+            offset, byte = bad
+            return (f"data file {path!r} is not UTF-8 text (byte 0x{byte:02x} at offset {offset}); save it as "
+                    "UTF-8, e.g. iconv -f latin1 -t utf-8 in.txt > out.txt, or give a text file")
+    return f"data source {source.label!r} is not UTF-8 text ({error.reason}); save it as UTF-8"
+
+
+def _first_non_utf8_byte(path: str, chunk: int = 1 << 20) -> tuple[int, int] | None:
+    """``(offset, byte)`` of the first byte of ``path`` that is not valid UTF-8, or None."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as bad:
+                # The decoder's error positions count from the bytes it still held plus this block.
+                pending = len(bad.object) - len(block)
+                return offset - pending + bad.start, bad.object[bad.start]
+            if not block:
+                return None
+            offset += len(block)
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:

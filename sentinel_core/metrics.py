@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from .fileio import json_ready
 
 
 @dataclass(frozen=True)
@@ -27,22 +28,8 @@ class MetricEvent:
         """A flat JSON-able dict; non-finite floats become None so every line is valid JSON."""
         record: dict[str, Any] = {"stage": self.stage, "step": self.step, "time": self.time}
         for key, value in self.values.items():
-            record[key] = _finite_or_none(value)
+            record[key] = json_ready(value)
         return record
-
-
-def _finite_or_none(value: Any) -> Any:
-    """Tensors and arrays become lists; NaN and infinities become None, so every line is strict
-    JSON (readable by JavaScript's JSON.parse too)."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    return value
 
 
 def emit(stage: str, step: int | None = None, **values: Any) -> MetricEvent:

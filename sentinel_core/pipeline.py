@@ -16,13 +16,13 @@ from . import __version__, hooks
 from .config import ExperimentConfig, resolve_device
 from .errors import SentinelError
 from .fileio import read_json, write_json_atomic
+from .folders import LOCK_FILES, check_no_overlap, check_run_folder
 from .metrics import emit
 from .plugins import load_plugins, pm
+from .run_files import FINAL_MODEL_DIR, RUN_CONFIG_FILE, RUN_STATE_FILE, RUN_SUMMARY_FILE, STAGE_CHECKPOINTS_DIR
+from .run_lock import RunLock
 from .tracking import ProgressTracker
 
-STATE_FILE = "state.json"
-CONFIG_FILE = "experiment.json"
-SUMMARY_FILE = "summary.json"
 SAMPLE_PROMPT = "The"
 
 # Stages that change the model end with a checkpoint in checkpoints/<stage>.
@@ -32,33 +32,73 @@ _MODEL_STAGES = ("prune", "fine_tune", "grow", "fine_tune_growth")
 def run_experiment(config: ExperimentConfig) -> tuple[Any, Any, dict[str, Any]]:
     """Run the whole pipeline for ``config``; returns ``(model, tokenizer, summary)``.
 
-    Starting a run in an ``output_dir`` that already holds a run is refused, so results are
-    never overwritten by accident: resume an unfinished one, or pick another directory.
+    ``output_dir`` must be new or empty (see docs/output-folders.md): a folder holding a run is
+    refused, so results are never overwritten by accident (resume an unfinished one, or pick
+    another folder), and so is a folder holding anything else. The folder is locked while the
+    run uses it.
     """
+    load_plugins()
+    _check_strategies(config)
     output_dir = Path(config.output_dir)
-    state_path = output_dir / STATE_FILE
-    if state_path.exists():
-        if read_json(state_path).get("finished"):
-            raise SentinelError(f"output_dir {str(output_dir)!r} already holds a finished run; "
-                                "choose another --output-dir or delete it")
-        raise SentinelError(
-            f"output_dir {str(output_dir)!r} holds an unfinished run; continue it with "
-            f"`sentinel run --resume {output_dir}` or choose another --output-dir"
-        )
-    return _Run(config, state={"completed": [], "results": {}, "finished": False}).execute()
+    if check_run_folder(output_dir):
+        _refuse_existing_run(output_dir)
+    check_no_overlap(output_dir, {"model": config.model_name, "data": config.data}, what="output_dir")
+    with RunLock(output_dir) as lock:
+        if check_run_folder(output_dir):  # another run started here while we looked
+            _refuse_existing_run(output_dir)
+        run = _Run(config, state={"completed": [], "results": {}, "finished": False})
+        try:
+            return run.execute()
+        except BaseException:
+            if not run.started:
+                _remove_empty_start(output_dir, created=lock.created_folder)
+            raise
 
 
 def resume_experiment(output_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
     """Continue the run saved in ``output_dir`` from its last finished stage."""
     output_dir = Path(output_dir)
-    if not (output_dir / STATE_FILE).is_file() or not (output_dir / CONFIG_FILE).is_file():
-        raise SentinelError(f"{str(output_dir)!r} holds no Sentinel run to resume (no {STATE_FILE}); "
+    if not (output_dir / RUN_STATE_FILE).is_file() or not (output_dir / RUN_CONFIG_FILE).is_file():
+        raise SentinelError(f"{str(output_dir)!r} holds no Sentinel run to resume (no {RUN_STATE_FILE}); "
                             "pass the --output-dir of an earlier `sentinel run`")
-    config = ExperimentConfig.from_dict(read_json(output_dir / CONFIG_FILE))
-    state = read_json(output_dir / STATE_FILE)
-    if state.get("finished"):
-        raise SentinelError(f"the run in {str(output_dir)!r} already finished; see {SUMMARY_FILE}")
-    return _Run(config.replace(output_dir=str(output_dir)), state=state).execute()
+    with RunLock(output_dir):
+        config = ExperimentConfig.from_dict(read_json(output_dir / RUN_CONFIG_FILE))
+        state = read_json(output_dir / RUN_STATE_FILE)
+        if state.get("finished"):
+            raise SentinelError(f"the run in {str(output_dir)!r} already finished; see {RUN_SUMMARY_FILE}")
+        load_plugins()
+        _check_strategies(config)
+        return _Run(config.replace(output_dir=str(output_dir)), state=state).execute()
+
+
+def _refuse_existing_run(output_dir: Path) -> None:
+    if read_json(output_dir / RUN_STATE_FILE).get("finished"):
+        raise SentinelError(f"output_dir {str(output_dir)!r} already holds a finished run; "
+                            "choose another --output-dir or delete it")
+    raise SentinelError(
+        f"output_dir {str(output_dir)!r} holds an unfinished run; continue it with "
+        f"`sentinel run --resume {output_dir}` or choose another --output-dir"
+    )
+
+
+def _remove_empty_start(output_dir: Path, *, created: bool) -> None:
+    """After a run failed before writing anything: leave the folder as it was found."""
+    for name in LOCK_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+    if created:
+        try:
+            output_dir.rmdir()
+        except OSError:  # not empty after all: someone else's file arrived; leave it
+            pass
+
+
+def _check_strategies(config: ExperimentConfig) -> None:
+    """Unknown strategy names are the cheapest mistake to report: before any folder or model."""
+    hooks.check_strategy("score_heads", config.scorer)
+    hooks.check_strategy("prune", config.prune_strategy)
+    hooks.check_strategy("fine_tune", config.fine_tune)
+    if config.growth_strategy:
+        hooks.check_strategy("grow_heads", config.growth_strategy)
 
 
 def effective_config(config: ExperimentConfig) -> ExperimentConfig:
@@ -81,6 +121,9 @@ class _Run:
         self.state = state
         self.output_dir = Path(config.output_dir)
         self.timings: dict[str, float] = dict(state.get("timings", {}))
+        # True once the run has written its first file (experiment.json): from then on the folder
+        # is a run folder that `--resume` can continue.
+        self.started = False
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -95,17 +138,25 @@ class _Run:
         if stage in _MODEL_STAGES:
             from .checkpoint import save_model
 
-            save_model(self.model, self.tokenizer, self.output_dir / "checkpoints" / stage)
+            save_model(self.model, self.tokenizer, self.output_dir / STAGE_CHECKPOINTS_DIR / stage)
             self.state["last_model_checkpoint"] = stage
-        write_json_atomic(self.output_dir / STATE_FILE, self.state)
+        write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
 
     # -- the pipeline ------------------------------------------------------------------------
 
     def execute(self) -> tuple[Any, Any, dict[str, Any]]:
-        load_plugins()
-        self._check_strategies()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.output_dir / CONFIG_FILE, self.requested.to_dict())
+        import transformers
+
+        if self.config.quiet:
+            quiet_libraries()
+        transformers.set_seed(self.config.seed)
+        self.device = resolve_device(self.config.device)
+        # Model and data first: a bad path or an unreadable file is reported before the run
+        # writes anything, so it leaves no half-started run folder behind.
+        self._load()
+        write_json_atomic(self.output_dir / RUN_CONFIG_FILE, self.requested.to_dict())
+        write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
+        self.started = True
         tracker = ProgressTracker(self.output_dir)
         pm.register(tracker)
         try:
@@ -114,23 +165,7 @@ class _Run:
             pm.unregister(tracker)
             tracker.close()
 
-    def _check_strategies(self) -> None:
-        c = self.config
-        hooks.check_strategy("score_heads", c.scorer)
-        hooks.check_strategy("prune", c.prune_strategy)
-        hooks.check_strategy("fine_tune", c.fine_tune)
-        if c.growth_strategy:
-            hooks.check_strategy("grow_heads", c.growth_strategy)
-
     def _stages(self) -> tuple[Any, Any, dict[str, Any]]:
-        import transformers
-
-        c = self.config
-        if c.quiet:
-            quiet_libraries()
-        transformers.set_seed(c.seed)
-        self.device = resolve_device(c.device)
-        self._load()
         c = self.config  # _load may have filled in the demo model's settings
         results = self.state["results"]
 
@@ -194,7 +229,7 @@ class _Run:
     # -- stages' parts -----------------------------------------------------------------------
 
     def _load(self) -> None:
-        from .checkpoint import load_model
+        from .checkpoint import check_model_inputs, load_model
         from .data import load_data
         from .defaults import demo_run_config, is_demo_model, resolve_model_and_data
 
@@ -204,12 +239,13 @@ class _Run:
             self.config = demo_run_config(self.config)
         c = self.config
         if checkpoint:
-            model_source = str(self.output_dir / "checkpoints" / checkpoint)
+            model_source = str(self.output_dir / STAGE_CHECKPOINTS_DIR / checkpoint)
         self.model, self.tokenizer = load_model(
             model_source, device=self.device, attn_implementation=c.attn_implementation,
             trust_remote_code=c.trust_remote_code,
         )
         self.model.eval()
+        check_model_inputs(self.model, self.tokenizer, model_source, c.block_size)
         self.data = load_data(data_source, self.tokenizer, block_size=c.block_size, seed=c.seed)
         self.state.setdefault("sources", {"model": model_source, "data": data_source})
 
@@ -316,8 +352,8 @@ class _Run:
     def _save(self, summary: dict[str, Any]) -> None:
         from .checkpoint import save_model
 
-        save_model(self.model, self.tokenizer, self.output_dir / "model")
-        write_json_atomic(self.output_dir / SUMMARY_FILE, summary)
+        save_model(self.model, self.tokenizer, self.output_dir / FINAL_MODEL_DIR)
+        write_json_atomic(self.output_dir / RUN_SUMMARY_FILE, summary)
         try:
             from .plots import plot_run
         except ImportError:  # matplotlib is a dependency; this guards a broken backend only
@@ -325,7 +361,7 @@ class _Run:
         if plot_run is not None:
             plot_run(self.output_dir)
         self.state["finished"] = True
-        write_json_atomic(self.output_dir / STATE_FILE, self.state)
+        write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
 
 
 def quiet_libraries() -> None:

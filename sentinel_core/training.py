@@ -40,9 +40,10 @@ from torch import nn
 
 from . import checkpointing as ckpt
 from .config import ExperimentConfig, resolve_device
-from .errors import SentinelError
+from .errors import RunInterrupted, SentinelError
 from .metrics import emit
 from .results import FineTuneResult
+from .run_files import RUN_CONFIG_FILE
 
 __all__ = [
     "BASE_GROUP",
@@ -67,14 +68,14 @@ OPTION_DEFAULTS: dict[str, Any] = {
     "max_rollbacks": 3,
     "keep_checkpoints": 2,
 }
-_RESUME_COMMAND = "Interrupted: resume with  sentinel run --resume {output_dir}"
+_RESUME_COMMAND = "Interrupted: resume with `sentinel run --resume {output_dir}`"
 
 
 class TrainingDivergedError(SentinelError):
     """Training could not recover from non-finite losses or weights; the message says what to change."""
 
 
-class _GracefulStop(KeyboardInterrupt):
+class _GracefulStop(RunInterrupted):
     """Raised after a requested stop (Ctrl-C, SIGTERM) once the checkpoint is on disk."""
 
 
@@ -328,8 +329,10 @@ def _ppl(loss: float) -> float:
 
 class _Trainer:
     def __init__(self, model: nn.Module, data: Any, config: ExperimentConfig, stage: str,
-                 param_groups: Sequence[Mapping[str, Any]] | None, lr_multiplier: LrMultiplier | None) -> None:
+                 param_groups: Sequence[Mapping[str, Any]] | None, lr_multiplier: LrMultiplier | None,
+                 resume_hint: str | None = None) -> None:
         _check_stage(stage)
+        self.resume_hint = resume_hint
         self.config, self.stage, self.model = config, stage, model
         self.opts = _options(config)
         self.lr_multiplier = lr_multiplier
@@ -571,7 +574,7 @@ class _Trainer:
             if self._saved_step != state.step:
                 if self._weights_finite():
                     self._save_checkpoint()
-            raise _GracefulStop()
+            raise _GracefulStop(self.signals.reason or "Ctrl-C")
 
     def _barrier(self) -> None:
         """Wait for every process. On CPU this is torch's plain barrier: Accelerate's
@@ -843,7 +846,9 @@ class _Trainer:
         if not self.is_main:
             return
         output_dir = Path(self.config.output_dir)
-        if (output_dir / "experiment.json").is_file():
+        if self.resume_hint:
+            print(self.resume_hint.format(step=self.state.step, stage=self.stage), file=sys.stderr)
+        elif (output_dir / RUN_CONFIG_FILE).is_file():
             print(_RESUME_COMMAND.format(output_dir=output_dir), file=sys.stderr)
         else:
             print(f"Interrupted: {self.stage} checkpoint in {self.directory}; call train() again with the same "
@@ -886,6 +891,7 @@ def train(
     param_groups: Sequence[Mapping[str, Any]] | None = None,
     lr_multiplier: LrMultiplier | None = None,
     resume: bool = True,
+    resume_hint: str | None = None,
 ) -> FineTuneResult:
     """Train ``model`` in place on ``data.train.blocks``, evaluating on ``data.validation.blocks``.
 
@@ -909,6 +915,9 @@ def train(
         resume: continue from the newest step checkpoint of ``stage`` in ``output_dir`` when it
             belongs to this run (same settings, data and starting weights); otherwise, and when
             False, start afresh and overwrite them.
+        resume_hint: what to print after Ctrl-C or SIGTERM, telling the user how to continue
+            (``{step}`` and ``{stage}`` are filled in); by default the ``sentinel run --resume``
+            command inside a run folder, else how to call ``train`` again.
 
     Returns:
         :class:`FineTuneResult`; ``extra`` holds ``best_step``, ``stopped_early``,
@@ -919,4 +928,4 @@ def train(
         TrainingDivergedError: when non-finite losses persist through ``max_rollbacks`` rollbacks.
         SentinelError: for settings that cannot work (too little data, bad groups, ...).
     """
-    return _Trainer(model, data, config, stage, param_groups, lr_multiplier).run(resume)
+    return _Trainer(model, data, config, stage, param_groups, lr_multiplier, resume_hint).run(resume)

@@ -10,14 +10,17 @@ from . import cli
 
 
 @cli.command("plugins")
-@click.option("--json", "as_json", is_flag=True, help="Print [{name, version, hooks, strategies}] as JSON.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print [{name, version, hooks, strategies}] as JSON; a plugin that failed to load has 'error'.")
 def plugins_command(as_json: bool) -> None:
     """List the loaded plugins, their hooks and the strategies they offer."""
     from ..plugins import failures, list_plugins
 
     listing = list_plugins()
     if as_json:
-        click.echo(json.dumps(listing, indent=2))
+        broken = [{"name": f.name, "version": f.version, "entry_point": f.entry_point, "hooks": [], "strategies": [],
+                   "error": f.error} for f in failures]
+        click.echo(json.dumps(listing + broken, indent=2))
         return
     rows = [("plugin", "version", "hooks", "strategies")]
     for plugin in listing:

@@ -15,11 +15,12 @@ from .score import batch_size_option, block_size_option, calibration_option, dat
 @click.option("--scorer", default="entropy", show_default=True, help="Head-importance strategy (see `sentinel plugins`).")
 @click.option("--pruning-percent", type=float, required=True,
               help="Fraction of the original heads that should be gone afterwards, in [0, 1).")
-@click.option("--output-dir", type=click.Path(file_okay=False), required=True, help="Where the pruned model goes.")
+@click.option("--output-dir", required=True,
+              help="A new or empty folder for the pruned model (or one that Sentinel saved a model into before).")
 @click.option("--prune-strategy", default="global", show_default=True, help="Selection policy: global or per-layer.")
 @click.option("--prune-mode", type=click.Choice(["remove", "mask"]), default="remove", show_default=True,
               help="Remove heads physically, or gate them off.")
-@click.option("--min-heads-per-layer", type=int, default=1, show_default=True)
+@click.option("--min-heads-per-layer", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--normalize-scores", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True,
               help="Divide each layer's scores by their L2 norm before ranking (auto: unless the scorer's "
                    "scores are comparable across layers).")
@@ -40,6 +41,7 @@ def prune_command(model: str, data: str | None, scorer: str, pruning_percent: fl
     from .. import hooks
     from ..checkpoint import save_model
     from ..config import ExperimentConfig
+    from ..folders import check_model_folder, check_no_overlap
     from ..plugins import load_plugins
     from ..surgery import get_head_map
 
@@ -52,6 +54,9 @@ def prune_command(model: str, data: str | None, scorer: str, pruning_percent: fl
     load_plugins()
     hooks.check_strategy("score_heads", scorer)
     hooks.check_strategy("prune", prune_strategy)
+    # The folder is checked before the model loads, and again when the model is written.
+    check_model_folder(output_dir, what="--output-dir")
+    check_no_overlap(output_dir, {"model": model, "data": data}, what="--output-dir")
     loaded, tokenizer, calibration = load_for_scoring(config)
     before = get_head_map(loaded)
     scores = hooks.score_heads(scorer, model=loaded, batches=calibration, config=config)
