@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import platform
 import statistics
@@ -34,7 +33,7 @@ from sentinel_core import hooks  # noqa: E402
 from sentinel_core.config import ExperimentConfig  # noqa: E402
 from sentinel_core.data import batches, load_data  # noqa: E402
 from sentinel_core.evaluation import evaluate  # noqa: E402
-from sentinel_core.fileio import write_text_atomic  # noqa: E402
+from sentinel_core.fileio import dumps_strict, write_text_atomic  # noqa: E402
 from sentinel_core.plugins import load_plugins, pm  # noqa: E402
 
 
@@ -176,7 +175,7 @@ def main() -> None:
               "adaptive_better_seeds": better,
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     out = Path(args.out)
-    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out, dumps_strict(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -166,10 +165,10 @@ def main() -> None:
         if tuning else None,
         "seconds": time.perf_counter() - start, "torch": torch.__version__,
     }
-    from sentinel_core.fileio import write_text_atomic
+    from sentinel_core.fileio import dumps_strict, write_text_atomic
 
     out = Path(args.out)
-    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out, dumps_strict(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 
