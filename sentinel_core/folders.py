@@ -108,20 +108,34 @@ def atomic_directory(target: str | os.PathLike, *, what: str = "output folder") 
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a saved model is not
         if path.exists():
             check_model_folder(target, what=what)  # nothing foreign arrived while we wrote
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-            os.replace(path, old / "previous")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.replace(tmp, path)
-            except OSError as exc:  # another process created a non-empty folder meanwhile
-                raise SentinelError(f"{what} {_show(target)} was filled by another process while this one "
-                                    f"wrote it ({exc.strerror}); nothing was replaced") from None
-        _fsync_dir(path.parent)
+        try:
+            swap_into_place(tmp, path)
+        except OSError as exc:  # another process created a non-empty folder meanwhile
+            raise SentinelError(f"{what} {_show(target)} was filled by another process while this one "
+                                f"wrote it ({exc.strerror}); nothing was replaced") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def swap_into_place(tmp: Path, target: Path) -> Path:
+    """Make the finished folder ``tmp`` become ``target`` (beside it, same file system).
+
+    A folder already at ``target`` is first renamed aside, then deleted once ``tmp`` is in its
+    place, so a reader finds the old folder or the new one, never a mix. Callers decide first
+    that ``target`` may be replaced (model folders: :func:`check_model_folder`; step
+    checkpoints: a folder the training loop itself wrote).
+    """
+    fsync_dir(tmp)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, old / "previous")
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    fsync_dir(target.parent)
+    return target
 
 
 def _write_manifest(folder: Path) -> None:
@@ -183,10 +197,10 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-    _fsync_dir(folder)
+    fsync_dir(folder)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # some platforms cannot open folders; the rename is still atomic

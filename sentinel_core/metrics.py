@@ -1,4 +1,7 @@
-"""Metric events: every stage reports what it measured through the ``on_metric`` hook."""
+"""Metric events: every stage reports what it measured through the ``on_metric`` hook.
+
+Events are broadcast with :func:`sentinel_core.plugins.emit` (also ``sentinel_core.emit``).
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from .fileio import json_ready
 class MetricEvent:
     """One measurement, or a group of measurements taken at the same moment.
 
-    :param stage: pipeline stage (``baseline``, ``score``, ``prune``, ``fine_tune``, ...).
+    :param stage: pipeline stage (``evaluate``, ``score``, ``prune``, ``fine_tune``, ``grow``,
+        ``sample``, ...); evaluations carry ``label`` ``baseline``, ``pruned`` or ``final``.
     :param step: optimizer step within the stage, or None for one-off values.
     :param values: JSON-able values, e.g. ``{"loss": 2.3, "perplexity": 9.9}``.
     :param time: wall-clock time of the event (``time.time()``).
@@ -30,12 +34,3 @@ class MetricEvent:
         for key, value in self.values.items():
             record[key] = json_ready(value)
         return record
-
-
-def emit(stage: str, step: int | None = None, **values: Any) -> MetricEvent:
-    """Broadcast a metric event to every ``on_metric`` implementation and return it."""
-    from .plugins import pm  # imported late: plugins imports the built-in plugins, which emit
-
-    event = MetricEvent(stage=stage, step=step, values=values)
-    pm.hook.on_metric(event=event)
-    return event

@@ -12,18 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, hooks
+from . import __version__, plugins
 from .config import ExperimentConfig, resolve_device
 from .errors import SentinelError
 from .fileio import read_json, write_json_atomic
 from .folders import LOCK_FILES, check_no_overlap, check_run_folder
-from .metrics import emit
-from .plugins import load_plugins, pm
+from .plugins import emit, pm
 from .run_files import FINAL_MODEL_DIR, RUN_CONFIG_FILE, RUN_STATE_FILE, RUN_SUMMARY_FILE, STAGE_CHECKPOINTS_DIR
 from .run_lock import RunLock
 from .tracking import ProgressTracker
-
-SAMPLE_PROMPT = "The"
 
 # Stages that change the model end with a checkpoint in checkpoints/<stage>.
 _MODEL_STAGES = ("prune", "fine_tune", "grow", "fine_tune_growth")
@@ -37,8 +34,7 @@ def run_experiment(config: ExperimentConfig) -> tuple[Any, Any, dict[str, Any]]:
     another folder), and so is a folder holding anything else. The folder is locked while the
     run uses it.
     """
-    load_plugins()
-    _check_strategies(config)
+    plugins.check_run(config)  # strategy names and options: the cheapest mistakes, reported first
     output_dir = Path(config.output_dir)
     if check_run_folder(output_dir):
         _refuse_existing_run(output_dir)
@@ -55,8 +51,18 @@ def run_experiment(config: ExperimentConfig) -> tuple[Any, Any, dict[str, Any]]:
             raise
 
 
-def resume_experiment(output_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    """Continue the run saved in ``output_dir`` from its last finished stage."""
+def resume_experiment(output_dir: str | Path, **display: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Continue the run saved in ``output_dir`` from its last finished stage.
+
+    ``display`` may change settings that only change what is shown (``quiet``, ...); the run
+    continues with the rest of the settings it was started with.
+    """
+    from .config import display_only_fields
+
+    changing = sorted(set(display) - display_only_fields())
+    if changing:
+        raise SentinelError(f"resume_experiment continues with the run's own settings; {changing[0]!r} cannot "
+                            f"change (only {', '.join(sorted(display_only_fields()))} can)")
     output_dir = Path(output_dir)
     if not (output_dir / RUN_STATE_FILE).is_file() or not (output_dir / RUN_CONFIG_FILE).is_file():
         raise SentinelError(f"{str(output_dir)!r} holds no Sentinel run to resume (no {RUN_STATE_FILE}); "
@@ -66,9 +72,8 @@ def resume_experiment(output_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]
         state = read_json(output_dir / RUN_STATE_FILE)
         if state.get("finished"):
             raise SentinelError(f"the run in {str(output_dir)!r} already finished; see {RUN_SUMMARY_FILE}")
-        load_plugins()
-        _check_strategies(config)
-        return _Run(config.replace(output_dir=str(output_dir)), state=state).execute()
+        plugins.check_run(config)
+        return _Run(config.replace(output_dir=str(output_dir), **display), state=state).execute()
 
 
 def _refuse_existing_run(output_dir: Path) -> None:
@@ -92,15 +97,6 @@ def _remove_empty_start(output_dir: Path, *, created: bool) -> None:
             pass
 
 
-def _check_strategies(config: ExperimentConfig) -> None:
-    """Unknown strategy names are the cheapest mistake to report: before any folder or model."""
-    hooks.check_strategy("score_heads", config.scorer)
-    hooks.check_strategy("prune", config.prune_strategy)
-    hooks.check_strategy("fine_tune", config.fine_tune)
-    if config.growth_strategy:
-        hooks.check_strategy("grow_heads", config.growth_strategy)
-
-
 def effective_config(config: ExperimentConfig) -> ExperimentConfig:
     """Apply ``test_mode``: a few steps on a little data, enough to exercise every stage."""
     if not config.test_mode:
@@ -116,7 +112,8 @@ def effective_config(config: ExperimentConfig) -> ExperimentConfig:
 
 class _Run:
     def __init__(self, config: ExperimentConfig, state: dict[str, Any]):
-        self.config = effective_config(config)
+        # What runs: test mode applied, every strategy option checked and its default filled in.
+        self.config = plugins.check_run(effective_config(config))
         self.requested = config
         self.state = state
         self.output_dir = Path(config.output_dir)
@@ -136,7 +133,7 @@ class _Run:
         self.timings[stage] = round(seconds, 3)
         self.state["timings"] = self.timings
         if stage in _MODEL_STAGES:
-            from .checkpoint import save_model
+            from .model_io import save_model
 
             save_model(self.model, self.tokenizer, self.output_dir / STAGE_CHECKPOINTS_DIR / stage)
             self.state["last_model_checkpoint"] = stage
@@ -157,6 +154,7 @@ class _Run:
         write_json_atomic(self.output_dir / RUN_CONFIG_FILE, self.requested.to_dict())
         write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
         self.started = True
+        plugins.start_run()
         tracker = ProgressTracker(self.output_dir)
         pm.register(tracker)
         try:
@@ -178,7 +176,7 @@ class _Run:
 
         if not self._done("score"):
             start = time.perf_counter()
-            scores = hooks.score_heads(c.scorer, model=self.model, batches=self._calibration_batches(), config=c)
+            scores = plugins.score_heads(c.scorer, model=self.model, batches=self._calibration_batches(), config=c)
             emit("score", strategy=c.scorer, scores=scores.scores, tokens_seen=scores.tokens_seen,
                  seconds=scores.seconds)
             self._finish("score", time.perf_counter() - start, scores=scores.to_dict())
@@ -186,16 +184,16 @@ class _Run:
         if not self._done("prune"):
             start = time.perf_counter()
             scores = _scores_from_dict(results["scores"])
-            pruned = hooks.prune(c.prune_strategy, model=self.model, scores=scores, config=c)
+            pruned = plugins.prune(c.prune_strategy, model=self.model, scores=scores, config=c)
             self.model.to(self.device)
-            emit("prune", heads_removed=pruned.count, mode=pruned.mode, heads_alive=self._heads_alive())
+            emit("prune", heads_removed=pruned.count, mode=pruned.mode, heads_active=self._heads_active())
             after = self._evaluate("pruned")
             self._finish("prune", time.perf_counter() - start, pruned=after,
                          removed={str(k): v for k, v in pruned.heads.items()}, prune_mode=pruned.mode)
 
         if not self._done("fine_tune"):
             start = time.perf_counter()
-            tuned = hooks.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
+            tuned = plugins.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
                                     config=c, stage="fine_tune")
             self._finish("fine_tune", time.perf_counter() - start, fine_tune={"steps": tuned.steps,
                                                                               "best_eval_loss": tuned.best_eval_loss})
@@ -203,14 +201,14 @@ class _Run:
         if c.growth_strategy and c.growth_percent > 0:
             if not self._done("grow"):
                 start = time.perf_counter()
-                grown = hooks.grow_heads(c.growth_strategy, model=self.model, data=self.data, config=c)
+                grown = plugins.grow_heads(c.growth_strategy, model=self.model, data=self.data, config=c)
                 self.model.to(self.device)
-                emit("grow", heads_grown=grown.count, heads_alive=self._heads_alive())
+                emit("grow", heads_grown=grown.count, heads_active=self._heads_active())
                 self._finish("grow", time.perf_counter() - start,
                              grown={str(k): v for k, v in grown.heads.items()})
             if not self._done("fine_tune_growth"):
                 start = time.perf_counter()
-                tuned = hooks.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
+                tuned = plugins.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
                                         config=c, stage="fine_tune_growth")
                 self._finish("fine_tune_growth", time.perf_counter() - start,
                              fine_tune_growth={"steps": tuned.steps, "best_eval_loss": tuned.best_eval_loss})
@@ -229,14 +227,14 @@ class _Run:
     # -- stages' parts -----------------------------------------------------------------------
 
     def _load(self) -> None:
-        from .checkpoint import check_model_inputs, load_model
         from .data import load_data
-        from .defaults import demo_run_config, is_demo_model, resolve_model_and_data
+        from .defaults import demo_run_config, is_demo_model, resolve_data, resolve_model_and_data
+        from .model_io import check_model_inputs, load_model
 
         checkpoint = self.state.get("last_model_checkpoint")
         model_source, data_source = resolve_model_and_data(self.config, announce=not checkpoint)
         if is_demo_model(model_source):
-            self.config = demo_run_config(self.config)
+            self.config = plugins.check_run(demo_run_config(self.config))
         c = self.config
         if checkpoint:
             model_source = str(self.output_dir / STAGE_CHECKPOINTS_DIR / checkpoint)
@@ -246,19 +244,14 @@ class _Run:
         )
         self.model.eval()
         check_model_inputs(self.model, self.tokenizer, model_source, c.block_size)
-        self.data = load_data(data_source, self.tokenizer, block_size=c.block_size, seed=c.seed)
+        self.data = load_data(resolve_data(data_source), self.tokenizer, block_size=c.block_size, seed=c.seed)
         self.state.setdefault("sources", {"model": model_source, "data": data_source})
 
     def _calibration_batches(self) -> list[dict[str, Any]]:
-        from .data import batches
+        from .data import calibration_batches
 
         c = self.config
-        out = []
-        for batch in batches(self.data.train.blocks, c.batch_size, shuffle=True, seed=c.seed):
-            out.append(batch)
-            if len(out) >= c.calibration_batches:
-                break
-        return out
+        return calibration_batches(self.data.train.blocks, c.batch_size, c.calibration_batches, c.seed)
 
     def _eval_ids(self):
         ids = self.data.validation.ids
@@ -274,19 +267,19 @@ class _Run:
                           batch_size=c.batch_size, device=self.device, progress=not c.quiet)
         values = {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
                   "tokens_per_second": result.tokens_per_second}
-        emit("evaluate", label=stage, heads_alive=self._heads_alive(), **values)
+        emit("evaluate", label=stage, heads_active=self._heads_active(), **values)
         return values
 
     def _sample(self, stage: str) -> str:
         from .generation import generate_text
 
-        prompt = str(self.config.options.get("sample_prompt", SAMPLE_PROMPT))
+        prompt = self.config.sample_prompt
         text = generate_text(self.model, self.tokenizer, prompt, max_new_tokens=20 if self.config.test_mode else 60,
                              seed=self.config.seed)
         emit("sample", label=stage, prompt=prompt, text=text)
         return text
 
-    def _heads_alive(self) -> list[int]:
+    def _heads_active(self) -> list[int]:
         from .surgery import get_head_map
 
         head_map = get_head_map(self.model)
@@ -296,8 +289,8 @@ class _Run:
         from .surgery import get_head_map
 
         head_map = get_head_map(self.model)
-        alive = self._heads_alive()
-        return {"per_layer": alive, "total": sum(alive),
+        active = self._heads_active()
+        return {"per_layer": active, "total": sum(active),
                 "grown": sum(len(head_map.grown(layer)) for layer in range(head_map.num_layers))}
 
     def _parameters(self) -> dict[str, int]:
@@ -350,7 +343,7 @@ class _Run:
         return head_map.num_layers * head_map.original_num_heads
 
     def _save(self, summary: dict[str, Any]) -> None:
-        from .checkpoint import save_model
+        from .model_io import save_model
 
         save_model(self.model, self.tokenizer, self.output_dir / FINAL_MODEL_DIR)
         write_json_atomic(self.output_dir / RUN_SUMMARY_FILE, summary)

@@ -11,8 +11,8 @@ import torch
 from surgery_fixtures import ATTN, inputs, logits, tiny_gpt2, tiny_llama, tiny_qwen2
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, ViTConfig, ViTModel
 
-from sentinel_core.checkpoint import WEIGHTS_NAME, load_model, save_model
 from sentinel_core.errors import SentinelError
+from sentinel_core.model_io import WEIGHTS_NAME, load_model, save_model
 from sentinel_core.surgery import get_head_map, grow_heads, mask_heads, prune_heads
 
 

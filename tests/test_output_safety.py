@@ -18,10 +18,10 @@ import pytest
 from click.testing import CliRunner
 
 import sentinel_core.cli.commands  # noqa: F401  (registers the subcommands)
-from sentinel_core.checkpoint import load_model, save_model
 from sentinel_core.cli import cli
 from sentinel_core.errors import SentinelError
 from sentinel_core.folders import MANIFEST, atomic_directory
+from sentinel_core.model_io import load_model, save_model
 from sentinel_core.run_lock import RunFolderBusy, RunLock
 
 

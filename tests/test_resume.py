@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from test_training import Recorder, recording
 from training_fixtures import make_data, make_model, state_equal
 
-from sentinel_core.checkpointing import list_step_checkpoints
 from sentinel_core.config import ExperimentConfig
 from sentinel_core.hookspecs import hookimpl
 from sentinel_core.training import TrainingDivergedError, cosine_schedule, step_checkpoint_dir, train
+from sentinel_core.training.checkpoints import list_step_checkpoints
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -35,6 +35,28 @@ class SentinelGroup(click.Group):
     ``-v`` shows the traceback.
     """
 
+    _plugin_commands_loaded = False
+
+    def _load_plugin_commands(self) -> None:
+        # Plugins' commands (the register_commands hook) are loaded only when a listing or an
+        # unknown name needs them, so `sentinel run ...` starts without importing every plugin.
+        if not SentinelGroup._plugin_commands_loaded:
+            SentinelGroup._plugin_commands_loaded = True
+            from ..plugins import register_commands
+
+            register_commands(self)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None:
+            self._load_plugin_commands()
+            command = super().get_command(ctx, name)
+        return command
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -29,13 +29,14 @@ def evaluate_command(model: str, data: str, split: str, block_size: int, stride:
     """Measure perplexity (sliding window), tokens/s and parameter counts."""
     from ..config import resolve_device
     from ..data import load_data
+    from ..defaults import resolve_data
     from ..errors import SentinelError
     from ..evaluation import count_parameters, evaluate
 
     device = resolve_device(device)
     loaded, tokenizer = load_checked(model, device=device, trust_remote_code=trust_remote_code, block_size=block_size)
     # The seed picks the validation part of a single-source dataset, as `sentinel run` does.
-    lm_data = load_data(data, tokenizer, block_size=block_size, seed=seed)
+    lm_data = load_data(resolve_data(data), tokenizer, block_size=block_size, seed=seed)
     token_split = getattr(lm_data, split)
     if token_split is None:
         raise SentinelError(f"data {data!r} has no {split} split; use --split validation")

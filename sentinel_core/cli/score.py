@@ -9,7 +9,7 @@ import click
 
 from ..fileio import dumps_strict
 from . import cli
-from .options import device_option, load_checked, model_option, seed_option, trust_option
+from .options import device_option, load_checked, model_option, option_assignments, seed_option, trust_option
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import ExperimentConfig
@@ -39,13 +39,12 @@ def load_for_scoring(config: ExperimentConfig) -> tuple[Any, Any, list[dict[str,
     model.eval()
     calibration: list[dict[str, Any]] = []
     if config.data is not None:
-        from ..data import batches, load_data
+        from ..data import calibration_batches, load_data
+        from ..defaults import resolve_data
 
-        data = load_data(config.data, tokenizer, block_size=config.block_size, seed=config.seed)
-        for batch in batches(data.train.blocks, config.batch_size, shuffle=True, seed=config.seed):
-            calibration.append(batch)
-            if len(calibration) >= config.calibration_batches:
-                break
+        data = load_data(resolve_data(config.data), tokenizer, block_size=config.block_size, seed=config.seed)
+        calibration = calibration_batches(data.train.blocks, config.batch_size, config.calibration_batches,
+                                          config.seed)
     return model, tokenizer, calibration
 
 
@@ -72,21 +71,21 @@ def score_table(scores: HeadScores) -> str:
 @block_size_option
 @device_option
 @trust_option
+@option_assignments
 @click.option("--json", "as_json", is_flag=True, help="Print HeadScores as JSON (NaN as null).")
 def score_command(model: str, data: str | None, scorer: str, seed: int, batch_size: int, calibration_batches: int,
-                  block_size: int, device: str, trust_remote_code: bool, as_json: bool) -> None:
+                  block_size: int, device: str, trust_remote_code: bool, options: tuple[str, ...],
+                  as_json: bool) -> None:
     """Score every attention head of MODEL (higher = more important) and print the matrix."""
-    from .. import hooks
+    from .. import plugins
     from ..config import ExperimentConfig
-    from ..plugins import load_plugins
 
     config = ExperimentConfig(model_name=model, data=data, scorer=scorer, seed=seed, batch_size=batch_size,
                               calibration_batches=calibration_batches, block_size=block_size, device=device,
                               trust_remote_code=trust_remote_code)
-    load_plugins()
-    hooks.check_strategy("score_heads", scorer)
+    config = plugins.check_run(config.replace(options=plugins.parse_cli_options(config, options)))
     loaded, _, calibration = load_for_scoring(config)
-    result = hooks.score_heads(scorer, model=loaded, batches=calibration, config=config)
+    result = plugins.score_heads(scorer, model=loaded, batches=calibration, config=config)
     if as_json:
         click.echo(dumps_strict(result.to_dict(), indent=2))
         return

@@ -332,8 +332,8 @@ def _build(spec: DemoSpec, out: Path, workdir: Path, *, quiet: bool,
     import transformers
 
     from .. import training
-    from ..checkpoint import save_model
     from ..fileio import write_json_atomic
+    from ..model_io import save_model
 
     started = time.perf_counter()
     corpus = prepare_corpus(spec, cache_dir)

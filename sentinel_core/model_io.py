@@ -31,7 +31,7 @@ from sentinel_core.folders import atomic_directory
 WEIGHTS_NAME = "sentinel.safetensors"
 FORMAT_KEY = "sentinel_checkpoint"
 DENSE_KEY = "sentinel_dense_export"
-FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 1
 _HUB_PREFIXES = ("/", ".", "~", "\\")
 
 
@@ -160,7 +160,7 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, den
         config,
         FORMAT_KEY,
         {
-            "format_version": FORMAT_VERSION,
+            "format_version": MODEL_FORMAT_VERSION,
             "weights": WEIGHTS_NAME,
             "dtype": str(_dtype_of(model)).removeprefix("torch."),
             "attn_implementation": _attn_implementation(model),
@@ -170,7 +170,7 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, den
     with atomic_directory(target) as tmp:
         config.save_pretrained(tmp)
         save_safetensors(
-            model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "sentinel_format": str(FORMAT_VERSION)}
+            model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "sentinel_format": str(MODEL_FORMAT_VERSION)}
         )
         _save_extras(model, tokenizer, tmp)
     return target
@@ -212,10 +212,10 @@ def _load_sentinel(
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     record = getattr(config, FORMAT_KEY, None) or {}
-    if record.get("format_version") != FORMAT_VERSION:
+    if record.get("format_version") != MODEL_FORMAT_VERSION:
         raise SentinelError(
             f"{str(directory)!r} has Sentinel checkpoint format {record.get('format_version')!r}; "
-            f"this Sentinel reads format {FORMAT_VERSION}"
+            f"this Sentinel reads format {MODEL_FORMAT_VERSION}"
         )
     head_map_data = getattr(config, CONFIG_KEY, None)
     if head_map_data is None:
