@@ -247,7 +247,10 @@ def reference_markdown() -> str:
              "file) and a keyword of `ExperimentConfig(...)`. Strategy options go under `[options]` in TOML and",
              "`-o KEY=VALUE` on the command line; `sentinel plugins` and `sentinel run --help-strategy NAME` list",
              "them. This page is generated from the declarations in `sentinel_core/config.py`",
-             "(`python -m sentinel_core.config > docs/config.md`), and a test keeps it current.", ""]
+             "(`python -m sentinel_core.config > docs/config.md`), and a test keeps it current.", "",
+             "With the embedded demo model, five settings left at these defaults take the demo's own instead",
+             "(`learning_rate`, `max_steps`, `eval_every`, `checkpoint_every`, `max_eval_blocks`; see",
+             "[demo.md](demo.md)); `summary.json` records both the settings asked for and those that ran.", ""]
     for section in SECTIONS:
         lines += [f"## {section.capitalize()}", "", "| flag | key | default | valid values | what it does |",
                   "|---|---|---|---|---|"]

@@ -87,7 +87,8 @@ class HeadMap:
         return len(self.layers[layer]) // g if g else 0
 
     def kv_groups(self, layer: int) -> list[list[int | None]]:
-        """The query slots of each key/value slot of ``layer``, in slot order."""
+        """Per key/value slot of ``layer``, in slot order, the head ids living in the query slots
+        that read it (``None`` for a dead alignment slot)."""
         g = self.group_sizes[layer]
         slots = self.layers[layer]
         return [slots[k * g : (k + 1) * g] for k in range(self.num_kv_slots(layer))]

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from sentinel_core import HeadScores, Strategy, hookimpl
+from sentinel_core import HeadScores, SentinelError, Strategy, hookimpl
 from sentinel_core.surgery import get_adapter, get_head_map
 
 NAME = "output-norm"
@@ -19,14 +19,15 @@ NAME = "output-norm"
 
 @hookimpl
 def register_strategies():
-    return [Strategy("score_heads", NAME, "mean norm of each head's write to the residual stream")]
+    return [Strategy("score_heads", NAME, "mean norm of each head's write to the residual stream",
+                     function=output_norm_scores)]
 
 
-@hookimpl
-def score_heads(strategy, model, batches):
-    if strategy != NAME:
-        return None
+def output_norm_scores(model, batches):
+    """Mean L2 norm of what each active head writes to the residual stream, per token."""
     start = time.perf_counter()
+    if not batches:
+        raise SentinelError("the output-norm scorer needs calibration text; pass --data")
     adapter = get_adapter(model)
     head_map = get_head_map(model)
     device = next(model.parameters()).device
