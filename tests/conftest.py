@@ -41,3 +41,20 @@ def tiny_assets(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(sample_lines(600, seed=7)) + "\n", encoding="utf-8")
     return {"model": str(model_dir), "data": str(text), "tmp": tmp_path}
+
+
+@pytest.fixture
+def register_plugin():
+    """``register_plugin(obj, name)`` registers a plugin for one test; it is unregistered afterwards."""
+    from sentinel_core.plugins import pm
+
+    added = []
+
+    def register(plugin, name):
+        pm.register(plugin, name=name)
+        added.append(plugin)
+        return plugin
+
+    yield register
+    for plugin in added:
+        pm.unregister(plugin)

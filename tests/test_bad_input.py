@@ -13,23 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-
-import sentinel_core.cli.commands  # noqa: F401  (registers the subcommands)
-from sentinel_core.cli import cli
-
-
-def invoke(*args, **kwargs):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False, **kwargs)
-
-
-def one_error_line(result, *fragments, code=1):
-    assert result.exit_code == code, result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in last, result.output
-    assert "Traceback" not in result.output
+from cli_helpers import invoke, one_error_line
 
 
 def sentinel_process(*args, **popen):

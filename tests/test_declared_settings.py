@@ -12,31 +12,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_helpers import invoke, one_error_line
 from surgery_fixtures import ATTN, inputs, logits, tiny_gpt2, tiny_llama
 
-import sentinel_core.cli.commands  # noqa: F401  (registers the subcommands)
 from sentinel_core import HeadScores, Option, SentinelError, Strategy, hookimpl, plugins
 from sentinel_core.cli import SentinelGroup, cli
 from sentinel_core.cli.run import run_command
 from sentinel_core.config import ExperimentConfig, field_info, field_kind, flag_name, reference_markdown
-from sentinel_core.plugins import pm
 from sentinel_core.surgery import get_head_map, head_slices, head_weights, mask_heads, prune_heads
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_error_line(result, *fragments, code=1):
-    assert result.exit_code == code, result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in last, result.output
-    assert "Traceback" not in result.output
 
 
 # -- config fields: declared once ------------------------------------------------------------------
@@ -140,22 +127,8 @@ class Raising:
         raise SentinelError("your model needs more heads")
 
 
-@pytest.fixture
-def registered():
-    added = []
-
-    def register(plugin, name):
-        pm.register(plugin, name=name)
-        added.append(plugin)
-        return plugin
-
-    yield register
-    for plugin in added:
-        pm.unregister(plugin)
-
-
-def test_a_strategy_that_raises_is_named_in_one_line(registered, tiny_assets):
-    registered(Raising(), "sentinel-raising")
+def test_a_strategy_that_raises_is_named_in_one_line(register_plugin, tiny_assets):
+    register_plugin(Raising(), "sentinel-raising")
     with pytest.raises(plugins.PluginError, match=r"^plugin sentinel-raising failed in score_heads \(scorer "
                                                   r"'explodes'\): ZeroDivisionError: the plugin's own bug$"):
         plugins.score_heads("explodes", model=None, batches=[], config=None)
@@ -174,8 +147,8 @@ class FailingObserver:
         raise RuntimeError("observer broke")
 
 
-def test_a_failing_observer_is_reported_once_and_switched_off(registered, capsys):
-    registered(FailingObserver(), "sentinel-observer")
+def test_a_failing_observer_is_reported_once_and_switched_off(register_plugin, capsys):
+    register_plugin(FailingObserver(), "sentinel-observer")
     seen = []
 
     class Recorder:
@@ -183,7 +156,7 @@ def test_a_failing_observer_is_reported_once_and_switched_off(registered, capsys
         def on_metric(self, event):
             seen.append(event.step)
 
-    registered(Recorder(), "recorder")
+    register_plugin(Recorder(), "recorder")
     plugins.start_run()
     for step in range(3):
         plugins.emit("fine_tune", step, loss=1.0)
@@ -204,9 +177,9 @@ class Duplicate:
         return [Strategy("score_heads", "same-name", self.label, function=lambda model: None)]
 
 
-def test_a_clash_blocks_only_runs_that_use_the_name(registered):
-    registered(Duplicate("a"), "sentinel-a")
-    registered(Duplicate("b"), "sentinel-b")
+def test_a_clash_blocks_only_runs_that_use_the_name(register_plugin):
+    register_plugin(Duplicate("a"), "sentinel-a")
+    register_plugin(Duplicate("b"), "sentinel-b")
     with pytest.raises(SentinelError, match="scorer 'same-name' is declared by both sentinel-a and sentinel-b; block "
                                             "one with SENTINEL_BLOCK_PLUGINS=sentinel-b"):
         plugins.check_run(ExperimentConfig(scorer="same-name"))
@@ -227,7 +200,7 @@ def test_built_in_plugins_can_be_blocked(tmp_path):
     assert "sentinel_core.strategies.gradient_scorer" in names
 
 
-def test_options_must_be_declared_the_same_way_by_every_strategy_of_a_run(registered):
+def test_options_must_be_declared_the_same_way_by_every_strategy_of_a_run(register_plugin):
     class Other:
         @hookimpl
         def register_strategies(self):
@@ -235,13 +208,13 @@ def test_options_must_be_declared_the_same_way_by_every_strategy_of_a_run(regist
             return [Strategy("score_heads", "other", "declares max_bad_steps too", options=(clash,),
                              function=lambda model: HeadScores(torch.zeros(1, 1), "other"))]
 
-    registered(Other(), "sentinel-other")
+    register_plugin(Other(), "sentinel-other")
     with pytest.raises(SentinelError, match="option 'max_bad_steps' is declared differently by scorer 'other' and "
                                             "fine-tuning strategy 'plain'"):
         plugins.check_run(ExperimentConfig(scorer="other"))
 
 
-def test_plugins_add_commands(registered):
+def test_plugins_add_commands(register_plugin):
     import click
 
     class Commands:
@@ -253,7 +226,7 @@ def test_plugins_add_commands(registered):
                 """Say hello."""
                 click.echo(f"hello {name}")
 
-    registered(Commands(), "sentinel-commands")
+    register_plugin(Commands(), "sentinel-commands")
     SentinelGroup._plugin_commands_loaded = False
     try:
         result = invoke("hello-plugin", "world")

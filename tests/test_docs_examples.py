@@ -21,7 +21,6 @@ from surgery_fixtures import inputs, logits, tiny_gpt2
 from training_fixtures import make_data, make_model
 
 from sentinel_core import ExperimentConfig, plugins
-from sentinel_core.plugins import pm
 from sentinel_core.surgery import get_head_map, mask_heads, prune_heads
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -38,20 +37,6 @@ def as_module(source: str, name: str) -> types.ModuleType:
     module = types.ModuleType(name)
     exec(compile(source, f"<{name}>", "exec"), module.__dict__)  # noqa: S102 - the docs' own code
     return module
-
-
-@pytest.fixture
-def plugin(request):
-    registered = []
-
-    def register(obj, name):
-        pm.register(obj, name=name)
-        registered.append(obj)
-        return obj
-
-    yield register
-    for obj in registered:
-        pm.unregister(obj)
 
 
 def exercise_strategies(module: types.ModuleType, tmp_path: Path) -> int:
@@ -87,12 +72,12 @@ def exercise_strategies(module: types.ModuleType, tmp_path: Path) -> int:
 
 
 @pytest.mark.parametrize("index", range(len(HOOK_EXAMPLES)))
-def test_each_hooks_page_example_works(index, plugin, tmp_path, capsys):
+def test_each_hooks_page_example_works(index, register_plugin, tmp_path, capsys):
     source = HOOK_EXAMPLES[index]
     module = as_module(source, f"hooks_example_{index}")
     exercised = 0
     if hasattr(module, "register_strategies"):
-        plugin(module, f"hooks-example-{index}")
+        register_plugin(module, f"hooks-example-{index}")
         exercised += exercise_strategies(module, tmp_path)
     if hasattr(module, "register_head_adapters"):
         exercised += check_adapter_example(module)
@@ -100,7 +85,7 @@ def test_each_hooks_page_example_works(index, plugin, tmp_path, capsys):
         exercised += check_command_example(module, tmp_path)
     for value in list(vars(module).values()):
         if isinstance(value, type) and hasattr(value, "on_metric"):
-            plugin(value(), f"hooks-example-{index}-observer")
+            register_plugin(value(), f"hooks-example-{index}-observer")
             plugins.emit("fine_tune", 3, loss=2.5)
             assert "fine_tune 3 2.5" in capsys.readouterr().out
             exercised += 1

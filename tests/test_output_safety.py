@@ -15,27 +15,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
+from cli_helpers import invoke, one_error_line
 
-import sentinel_core.cli.commands  # noqa: F401  (registers the subcommands)
-from sentinel_core.cli import cli
 from sentinel_core.errors import SentinelError
 from sentinel_core.folders import MANIFEST, atomic_directory
 from sentinel_core.model_io import load_model, save_model
 from sentinel_core.run_lock import RunFolderBusy, RunLock
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def one_error_line(result, *fragments):
-    assert result.exit_code == 1, result.output
-    last = result.output.strip().splitlines()[-1]
-    assert last.startswith("Error: "), result.output
-    for fragment in fragments:
-        assert fragment in last, result.output
-    assert "Traceback" not in result.output
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
