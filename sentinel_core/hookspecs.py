@@ -111,12 +111,14 @@ def fine_tune(
     data: LMData,
     config: ExperimentConfig,
     stage: str,
+    original_model: str | None,
+    run_dir: str | None,
 ) -> FineTuneResult | None:
     """Train ``model`` in place on ``data.train``, evaluating on ``data.validation``.
 
-    Implementations emit progress through :func:`sentinel_core.metrics.emit` with ``stage``,
-    keep the best model by validation loss, and write resumable checkpoints under
-    ``config.output_dir``.
+    Implementations usually call :func:`sentinel_core.training.train`, which reports progress
+    (:func:`sentinel_core.emit` with ``stage``), keeps the best model, and writes resumable
+    checkpoints under ``config.output_dir``.
 
     :param strategy: the fine-tuner's name, e.g. ``"plain"`` or ``"adaptive"``.
     :param model: the (pruned or grown) model to train.
@@ -124,6 +126,10 @@ def fine_tune(
     :param data: tokenised train/validation data.
     :param config: learning rate, epochs, batch size, seed, ``options``, ...
     :param stage: the name to report metrics under (``"fine_tune"`` or ``"fine_tune_growth"``).
+    :param original_model: what :func:`sentinel_core.load_model` opens to get the model as it
+        was before pruning (a folder or hub name; the teacher of a distillation), or None when
+        the caller has none.
+    :param run_dir: the run folder, or None outside a run.
     :return: :class:`sentinel_core.results.FineTuneResult`, or None when ``strategy`` is not
         this plugin's.
 
@@ -148,6 +154,23 @@ def grow_heads(
         ``strategy`` is not this plugin's.
 
     firstresult: the first non-None result is used.
+    """
+
+
+@hookspec
+def register_training_callbacks(model: PreTrainedModel, config: ExperimentConfig, stage: str) -> Sequence[Any]:
+    """Add callbacks to every training stage, whichever fine-tuner runs it.
+
+    Called by :func:`sentinel_core.training.train` when a stage starts, on every process. The
+    callbacks (:class:`sentinel_core.training.TrainerCallback`) fire after those the
+    fine-tuner passed itself. This is how a plugin extends training it does not run: the
+    growth plugin ramps up new heads' gates in whichever stage trains them.
+
+    :param model: the model about to be trained (before any callback wraps it).
+    :param config: the stage's configuration.
+    :param stage: the stage's name (``fine_tune``, ``fine_tune_growth``, ...).
+    :return: a list of callbacks, possibly empty. Every plugin's list is collected
+        (not firstresult).
     """
 
 

@@ -194,7 +194,7 @@ class _Run:
         if not self._done("fine_tune"):
             start = time.perf_counter()
             tuned = plugins.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
-                                    config=c, stage="fine_tune")
+                                      config=c, stage="fine_tune", **self._fine_tune_context())
             self._finish("fine_tune", time.perf_counter() - start, fine_tune={"steps": tuned.steps,
                                                                               "best_eval_loss": tuned.best_eval_loss})
 
@@ -209,7 +209,7 @@ class _Run:
             if not self._done("fine_tune_growth"):
                 start = time.perf_counter()
                 tuned = plugins.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
-                                        config=c, stage="fine_tune_growth")
+                                          config=c, stage="fine_tune_growth", **self._fine_tune_context())
                 self._finish("fine_tune_growth", time.perf_counter() - start,
                              fine_tune_growth={"steps": tuned.steps, "best_eval_loss": tuned.best_eval_loss})
 
@@ -246,6 +246,10 @@ class _Run:
         check_model_inputs(self.model, self.tokenizer, model_source, c.block_size)
         self.data = load_data(resolve_data(data_source), self.tokenizer, block_size=c.block_size, seed=c.seed)
         self.state.setdefault("sources", {"model": model_source, "data": data_source})
+
+    def _fine_tune_context(self) -> dict[str, Any]:
+        """What a fine-tuner may use besides the model: the model before pruning, the run folder."""
+        return {"original_model": self.state["sources"]["model"], "run_dir": str(self.output_dir)}
 
     def _calibration_batches(self) -> list[dict[str, Any]]:
         from .data import calibration_batches

@@ -429,13 +429,34 @@ def prune(strategy: str, *, model: PreTrainedModel, scores: HeadScores, config: 
 
 
 def fine_tune(strategy: str, *, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, data: LMData,
-              config: ExperimentConfig, stage: str = "fine_tune", **context: Any) -> FineTuneResult:
+              config: ExperimentConfig, stage: str = "fine_tune", original_model: str | None = None,
+              run_dir: str | None = None) -> FineTuneResult:
     return call_strategy("fine_tune", strategy, FineTuneResult, model=model, tokenizer=tokenizer, data=data,
-                         config=config, stage=stage, **context)
+                         config=config, stage=stage, original_model=original_model, run_dir=run_dir)
 
 
 def grow_heads(strategy: str, *, model: PreTrainedModel, data: LMData, config: ExperimentConfig) -> GrowthResult:
     return call_strategy("grow_heads", strategy, GrowthResult, model=model, data=data, config=config)
+
+
+def collect_training_callbacks(*, model: Any, config: ExperimentConfig, stage: str) -> list[Any]:
+    """Every plugin's callbacks for a training stage (the ``register_training_callbacks`` hook).
+
+    A plugin that raises here stops training with one line naming it: its callback may be what
+    keeps the stage correct (a gate warm-up, say), so going on without it would be wrong.
+    """
+    load_plugins()
+    found: list[Any] = []
+    for impl in reversed(pm.hook.register_training_callbacks.get_hookimpls()):
+        kwargs = {"model": model, "config": config, "stage": stage}
+        try:
+            found.extend(impl.function(**{arg: kwargs[arg] for arg in impl.argnames}) or ())
+        except (SentinelError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {plugin_label(impl.plugin_name)} failed in register_training_callbacks: "
+                              f"{type(exc).__name__}: {_first_line(exc)}") from exc
+    return found
 
 
 # -- broadcasts to observers ------------------------------------------------------------------------

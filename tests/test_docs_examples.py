@@ -21,6 +21,7 @@ from surgery_fixtures import inputs, logits, tiny_gpt2
 from training_fixtures import make_data, make_model
 
 from sentinel_core import ExperimentConfig, plugins
+from sentinel_core.plugins import pm
 from sentinel_core.surgery import get_head_map, mask_heads, prune_heads
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -30,7 +31,8 @@ def python_blocks(page: str) -> list[str]:
     return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(encoding="utf-8"), flags=re.S)
 
 
-HOOK_EXAMPLES = [block for block in python_blocks("hooks.md") if "@hookimpl" in block]
+HOOK_EXAMPLES = [block for page in ("hooks.md", "fine-tuning.md") for block in python_blocks(page)
+                 if "@hookimpl" in block]
 
 
 def as_module(source: str, name: str) -> types.ModuleType:
@@ -83,6 +85,8 @@ def test_each_hooks_page_example_works(index, register_plugin, tmp_path, capsys)
         exercised += check_adapter_example(module)
     if hasattr(module, "register_commands"):
         exercised += check_command_example(module, tmp_path)
+    if hasattr(module, "register_training_callbacks"):
+        exercised += check_training_callbacks_example(module, tmp_path)
     for value in list(vars(module).values()):
         if isinstance(value, type) and hasattr(value, "on_metric"):
             register_plugin(value(), f"hooks-example-{index}-observer")
@@ -110,6 +114,31 @@ def check_adapter_example(module: types.ModuleType) -> int:
     prune_heads(removed, {0: [0, 1], 1: [2]})
     assert get_head_map(removed).layers[0] == [2, 3]
     assert torch.allclose(logits(masked, inputs()), logits(removed, inputs()), atol=1e-5)
+    return 1
+
+
+def check_training_callbacks_example(module: types.ModuleType, tmp_path: Path) -> int:
+    from sentinel_core.training import TrainerCallback, TrainerState, TrainingContext, train
+
+    assert module.register_training_callbacks(config=None, stage="grow") == []
+    (callback,) = module.register_training_callbacks(config=None, stage="fine_tune")
+    assert isinstance(callback, TrainerCallback)
+    state = TrainerState(step=3)
+    callback.on_step_end(state, TrainingContext(model=None, config=None, stage="fine_tune"), {"loss": 0.1})
+    assert state.stopped_early
+    # And in a real stage, through the hook: a high threshold stops it after its first step.
+    callback.threshold = 1e9
+    from sentinel_core import hookimpl
+
+    module.register_training_callbacks = hookimpl(lambda config, stage: [callback])
+    pm.register(module, name="training-callbacks-example")
+    try:
+        config = ExperimentConfig(max_steps=5, eval_every=1, batch_size=4, output_dir=str(tmp_path / "stop"),
+                                  quiet=True, device="cpu", patience=0)
+        result = train(make_model(seed=0), make_data(32), config, stage="fine_tune")
+    finally:
+        pm.unregister(module)
+    assert result.steps == 1 and result.extra["stopped_early"]
     return 1
 
 

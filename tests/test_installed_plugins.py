@@ -22,7 +22,7 @@ PLUGINS = {
     "sentinel-entropy": ["register_strategies"],
     "sentinel-magnitude": ["register_strategies"],
     "sentinel-adaptive": ["register_strategies"],
-    "sentinel-growth": ["register_strategies"],
+    "sentinel-growth": ["register_strategies", "register_training_callbacks"],
 }
 
 

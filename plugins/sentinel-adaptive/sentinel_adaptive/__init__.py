@@ -37,7 +37,6 @@ def adaptive_fine_tune(model, data, config, stage):
     plan = AdaptivePlan.from_model(model, config)
     if int(os.environ.get("RANK", "0")) == 0:  # one report per run, not one per process
         emit(stage, None, adaptive_plan=plan.describe())
-    with plan.grown_head_boost():
-        result = train(model, data, config, stage=stage, param_groups=plan.param_groups(),
-                       lr_multiplier=plan.multiplier)
+    result = train(model, data, config, stage=stage, param_groups=plan.param_groups(),
+                   lr_multiplier=plan.multiplier, callbacks=plan.callbacks())
     return dataclasses.replace(result, strategy=NAME, extra={**result.extra, "adaptive": plan.describe()})

@@ -19,16 +19,13 @@ would not work either: Adam divides the gradient by its running RMS, so the step
 ``w <- w_old + r * (w_new - w_old)`` with ``r = rate_grown / rate_touched``. AdamW's whole update
 (the Adam step and the decoupled weight decay) is proportional to the learning rate and the
 moment estimates do not depend on it, so this is exactly AdamW with the ``grown`` rate on those
-blocks. It runs as a global optimizer step hook (``torch.optim.optimizer.register_optimizer_step_*``)
-that acts only on the optimizer holding the model's parameters and only while ``fine_tune`` runs.
+blocks. It runs as a training-loop callback (:class:`GrownHeadRate`), so it touches only the
+stage it was given to, and needs nothing global.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +33,7 @@ import torch
 from torch import nn
 
 from sentinel_core.options import Option
+from sentinel_core.training.callbacks import TrainerCallback
 
 SCOPES = ("layer", "attention")
 BOOST = Option("adaptive_boost", float, 3.0, "peak learning-rate factor of the layers surgery touched (1 = no boost)",
@@ -97,8 +95,6 @@ class AdaptivePlan:
         self.grown = grown
         self.touched_params = touched_params
         self.blocks = blocks
-        self._step = 0
-        self._total = 1
 
     @classmethod
     def from_model(cls, model: nn.Module, config: Any) -> AdaptivePlan:
@@ -152,54 +148,16 @@ class AdaptivePlan:
         return 1.0
 
     def multiplier(self, step: int, total_steps: int, group: str) -> float:
-        """The ``lr_multiplier`` for :func:`sentinel_core.training.train`; it also tells the step
-        hook which step the optimizer is about to take."""
-        self._step, self._total = step, total_steps
+        """The ``lr_multiplier`` for :func:`sentinel_core.training.train`."""
         return self.factor(step, total_steps, group)
 
-    def grown_ratio(self) -> float:
-        return self.factor(self._step, self._total, "grown") / self.factor(self._step, self._total, "touched")
+    def grown_ratio(self, step: int, total_steps: int) -> float:
+        """How much larger the grown heads' step is than the touched layers' at 0-based ``step``."""
+        return self.factor(step, total_steps, "grown") / self.factor(step, total_steps, "touched")
 
-    # -- the grown heads' own rate ---------------------------------------------------------------
-
-    @contextmanager
-    def grown_head_boost(self) -> Iterator[None]:
-        """While active, every step of the optimizer that trains these parameters is rescaled on the
-        grown heads' blocks by :meth:`grown_ratio` (see the module docstring)."""
-        if not self.blocks:
-            yield
-            return
-        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
-
-        marker = self.blocks[0].param
-        owns: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        before: list[torch.Tensor] = []
-
-        def is_ours(optimizer: torch.optim.Optimizer) -> bool:
-            if optimizer not in owns:
-                owns[optimizer] = any(p is marker for g in optimizer.param_groups for p in g["params"])
-            return owns[optimizer]
-
-        def pre(optimizer, args, kwargs):
-            if is_ours(optimizer):
-                before[:] = [block.view().clone() for block in self.blocks]
-
-        @torch.no_grad()
-        def post(optimizer, args, kwargs):
-            if not is_ours(optimizer) or not before:
-                return
-            ratio = self.grown_ratio()
-            for block, old in zip(self.blocks, before, strict=True):
-                view = block.view()
-                view.copy_(torch.lerp(old, view, ratio))
-            before.clear()
-
-        handles = [register_optimizer_step_pre_hook(pre), register_optimizer_step_post_hook(post)]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def callbacks(self) -> list[GrownHeadRate]:
+        """The training callbacks that give grown heads their own rate (none without grown heads)."""
+        return [GrownHeadRate(self)] if self.blocks else []
 
     def describe(self) -> dict[str, Any]:
         return {"touched_layers": list(self.touched_layers),
@@ -208,6 +166,32 @@ class AdaptivePlan:
                 "ramp": self.options.ramp, "scope": self.options.scope,
                 "touched_parameters": int(sum(p.numel() for p in self.touched_params)),
                 "grown_head_entries": int(sum(b.view().numel() for b in self.blocks))}
+
+
+class GrownHeadRate(TrainerCallback):
+    """Rescales each optimizer step on the grown heads' blocks (see the module docstring).
+
+    ``on_step_begin`` keeps the blocks as they are; ``on_step_end``, after AdamW's update at the
+    touched layers' rate, moves them to ``old + ratio * (new - old)``. A skipped step changed
+    nothing, so the rescaling leaves it unchanged too.
+    """
+
+    def __init__(self, plan: AdaptivePlan) -> None:
+        self.plan = plan
+        self._before: list[torch.Tensor] = []
+
+    def on_step_begin(self, state, context) -> None:
+        self._before = [block.view().clone() for block in self.plan.blocks]
+
+    @torch.no_grad()
+    def on_step_end(self, state, context, logs) -> None:
+        if not self._before:
+            return
+        ratio = self.plan.grown_ratio(state.step - 1, state.total_steps)
+        for block, old in zip(self.plan.blocks, self._before, strict=True):
+            view = block.view()
+            view.copy_(torch.lerp(old, view, ratio))
+        self._before = []
 
 
 def _grown_blocks(model: nn.Module, head_map: Any, layer: int, ids: list[int]) -> list[HeadBlock]:

@@ -259,12 +259,21 @@ def test_bad_options_are_user_errors(options, message):
         AdaptivePlan.from_model(operated_gpt2(), ExperimentConfig(options=options))
 
 
-def test_the_step_hook_leaves_other_optimizers_alone():
+def test_the_grown_rate_is_a_training_callback_and_nothing_global(tmp_path):
+    """The grown heads' rate lives in the stage's own callback: no optimizer hook anywhere else."""
+    from sentinel_adaptive.plan import GrownHeadRate
+    from torch.optim import optimizer as optim_module
+
     plan = AdaptivePlan.from_model(operated_gpt2(), ExperimentConfig())
-    plan.multiplier(0, 10, "touched")
-    other = torch.nn.Parameter(torch.ones(3))
-    optimizer = torch.optim.SGD([other], lr=0.1)
-    with plan.grown_head_boost():
-        other.grad = torch.ones(3)
-        optimizer.step()
-    assert torch.allclose(other.detach(), torch.full((3,), 0.9))
+    assert [type(c) for c in plan.callbacks()] == [GrownHeadRate]
+    seen = []
+
+    class Watch:
+        @hookimpl
+        def on_metric(self, event):
+            seen.append(len(optim_module._global_optimizer_pre_hooks) + len(optim_module._global_optimizer_post_hooks))
+
+    cfg = ExperimentConfig(device="cpu", batch_size=4, max_steps=2, eval_every=1, output_dir=str(tmp_path), quiet=True)
+    run_with(Watch(), lambda: plugins.fine_tune("adaptive", model=operated_gpt2(), tokenizer=None, data=data(),
+                                                config=cfg, stage="fine_tune"))
+    assert seen and set(seen) == {0}

@@ -12,7 +12,8 @@ The number of new heads is ``round(growth_percent * num_layers * original_num_he
 layer passes its original head count unless ``options.growth_allow_exceed`` is true. New heads
 have zero output-projection weights, so the model computes the same function right after
 growth, and the next fine-tuning stage trains them in; ``options.growth_warmup_steps`` ramps
-their gates up over that stage's first steps (:mod:`sentinel_growth.warmup`).
+their gates up over the first steps of the stage that trains them (:mod:`sentinel_growth.warmup`,
+a training-loop callback).
 """
 
 from __future__ import annotations
@@ -25,14 +26,13 @@ from .entropy import layer_entropies
 from .gain import CandidateGains, candidate_gains
 from .grow import GRADIENT, STRATEGIES, grow, plan_growth
 from .options import CANDIDATES, COMMON_OPTIONS, GrowthOptions, growth_options
-from .warmup import GateWarmup, active_warmups, install_warmup, ramp
+from .warmup import GateWarmup, install_warmup, pending_warmup, ramp, register_training_callbacks
 
 __all__ = [
     "STRATEGIES",
     "CandidateGains",
     "GateWarmup",
     "GrowthOptions",
-    "active_warmups",
     "allocate_balanced",
     "allocate_by_score",
     "allocate_random",
@@ -43,8 +43,10 @@ __all__ = [
     "install_warmup",
     "layer_entropies",
     "layer_room",
+    "pending_warmup",
     "plan_growth",
     "ramp",
+    "register_training_callbacks",
 ]
 __version__ = "0.1.0"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -82,11 +81,6 @@ def grow(strategy: str, model: nn.Module, data: Any, config: Any) -> GrowthResul
     if strategy not in STRATEGIES:
         raise SentinelError(f"growth strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
     options = growth_options(config, getattr(model, "config", None))
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if options.warmup_steps and world > 1:
-        # The ramp follows metric events, which only the main process receives.
-        raise SentinelError(f"options.growth_warmup_steps={options.warmup_steps} is not supported with "
-                            f"multi-process training (WORLD_SIZE={world}); set it to 0")
     head_map = get_head_map(model)
     n = growth_target(head_map, config.growth_percent)
     room = layer_room(head_map, allow_exceed=options.allow_exceed)

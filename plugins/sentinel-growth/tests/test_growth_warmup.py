@@ -1,4 +1,4 @@
-"""The optional gate warm-up of grown heads: the ramp, its end, and a real training run."""
+"""The optional gate warm-up of grown heads: the ramp, its end, real training, resume mid-ramp."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import copy
 
 import pytest
 import torch
-from sentinel_growth.warmup import active_warmups, ramp
+from sentinel_growth.warmup import CONFIG_KEY, GateWarmup, pending_warmup, ramp
 
 from sentinel_core import plugins
 from sentinel_core.model_io import load_model, save_model
-from sentinel_core.plugins import emit
 from sentinel_core.surgery import gates, get_head_map, prune_heads
+from sentinel_core.training import TrainerState, TrainingContext
 
 
 def _new_head_gates(model, heads):
@@ -30,11 +30,8 @@ def _grow(build, model, steps):
     return plugins.grow_heads("balanced", model=model, data=build.data(), config=config).heads
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_warmups():
-    yield
-    for warmup in active_warmups():
-        warmup.finish()
+def _context(model, **extra):
+    return TrainingContext(model=model, config=None, stage="fine_tune_growth", extra=extra)
 
 
 def test_ramp_values():
@@ -47,10 +44,11 @@ def test_warmup_off_by_default(growth_plugin, build):
     prune_heads(model, {0: [0, 1], 1: [2, 3]})
     heads = plugins.grow_heads("balanced", model=model, data=build.data(), config=build.config()).heads
     assert _new_head_gates(model, heads) == [1.0, 1.0]
-    assert active_warmups() == []
+    assert pending_warmup(model) is None
+    assert growth_plugin.register_training_callbacks(model=model) == []
 
 
-def test_gates_follow_the_reported_steps_of_the_bound_stage(growth_plugin, build):
+def test_gates_follow_the_loops_steps_and_rollbacks(growth_plugin, build):
     model = build.gpt2()
     prune_heads(model, {0: [0, 1], 1: [2, 3]})
     x = torch.randint(100, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -60,28 +58,29 @@ def test_gates_follow_the_reported_steps_of_the_bound_stage(growth_plugin, build
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, before, rtol=0, atol=1e-6)  # zero output rows
     assert _new_head_gates(model, heads) == [0.25, 0.25]
-    emit("evaluate", label="pruned", loss=1.0)  # no step: not a training event, ignored
+    (warmup,) = growth_plugin.register_training_callbacks(model=model)
+    assert isinstance(warmup, GateWarmup) and warmup.steps == 3
+    context = _context(model)
+    warmup.on_train_begin(TrainerState(step=0), context)
     assert _new_head_gates(model, heads) == [0.25, 0.25]
-    emit("fine_tune_growth", 1, loss=2.0)
+    warmup.on_step_end(TrainerState(step=1), context, {})
     assert _new_head_gates(model, heads) == [0.5, 0.5]
-    emit("some_other_stage", 2, loss=2.0)  # bound to the first stage that reported a step
-    assert _new_head_gates(model, heads) == [0.5, 0.5]
-    emit("fine_tune_growth", 2, loss=2.0)
+    warmup.on_step_end(TrainerState(step=2), context, {})
     assert _new_head_gates(model, heads) == [0.75, 0.75]
-    emit("fine_tune_growth", 0, rollback=True)
+    warmup.on_load(TrainerState(step=0), context, "step-00000000")  # a rollback to step 0
     assert _new_head_gates(model, heads) == [0.25, 0.25]
-    emit("fine_tune_growth", 3, loss=2.0)
+    warmup.on_step_end(TrainerState(step=3), context, {})
     assert _new_head_gates(model, heads) == [1.0, 1.0]
-    assert active_warmups() == []
     # Fully on: the gate hook is off again, so the model runs the stock forward.
     assert not any(getattr(b.attn.c_proj, "_sentinel_gate_active", False) for b in model.transformer.h)
 
 
-def test_finish_folds_the_best_steps_gate_into_the_weights(growth_plugin, build):
+def test_the_end_folds_the_best_steps_gate_into_the_weights(growth_plugin, build):
     model = build.gpt2()
     prune_heads(model, {0: [0, 1], 1: [2, 3]})
     heads = _grow(build, model, 4)
-    emit("fine_tune_growth", 2, loss=2.0)
+    (warmup,) = growth_plugin.register_training_callbacks(model=model)
+    warmup.on_step_end(TrainerState(step=2), _context(model), {})
     # Stand-in for training: give the new heads non-zero output weights.
     hm = get_head_map(model)
     for layer, ids in heads.items():
@@ -101,8 +100,8 @@ def test_finish_folds_the_best_steps_gate_into_the_weights(growth_plugin, build)
     x = torch.randint(100, (2, 12), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(x).logits
-    emit("fine_tune_growth", 3, finished=True, best_step=1, restored_best=True)
-    assert active_warmups() == []
+    warmup.on_train_end(TrainerState(step=3, best_step=1), _context(model, restored_best=True))
+    assert pending_warmup(model) is None and not hasattr(model.config, CONFIG_KEY)
     assert _new_head_gates(model, heads) == [1.0, 1.0]
     with torch.no_grad():
         got = model(x).logits
@@ -139,14 +138,14 @@ def test_warmup_during_real_training_ends_resolved_and_reloads_exactly(growth_pl
 
     handle = proj.register_forward_pre_hook(record)
     config = build.config(max_steps=4, eval_every=2, patience=0, checkpoint_every=100, learning_rate=1e-2,
-                          output_dir=str(tmp_path / "run"), quiet=True, options={"growth_warmup_steps": 2})
+                          output_dir=str(tmp_path / "run"), quiet=True)
     try:
-        result = train(model, build.data(blocks=16), config, stage="fine_tune_growth")
+        result = train(model, build.data(blocks=16), config, stage="fine_tune")  # any stage, any fine-tuner
     finally:
         handle.remove()
     assert result.steps == 4
     assert seen == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 1.0]
-    assert active_warmups() == []
+    assert pending_warmup(model) is None
     assert _new_head_gates(model, heads) == [1.0] * sum(len(v) for v in heads.values())
     model.eval().cpu()  # train() put it on the best device; the reload below is on the CPU
     save_model(model, None, tmp_path / "saved")
@@ -156,29 +155,57 @@ def test_warmup_during_real_training_ends_resolved_and_reloads_exactly(growth_pl
         assert torch.equal(reloaded(x).logits, model(x).logits)
 
 
-def test_warmup_is_refused_under_multi_process_training(growth_plugin, build, monkeypatch):
-    from sentinel_core.errors import SentinelError
-
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    model = build.gpt2()
-    prune_heads(model, {0: [0, 1]})
-    with pytest.raises(SentinelError, match="growth_warmup_steps=2 is not supported with multi-process"):
-        _grow(build, model, 2)
-    assert get_head_map(model).grown(0) == []
-
-
-def test_the_plugin_implements_only_its_strategy_hooks(growth_plugin, build):
-    """The warm-up listens to metrics through a helper registered only while a ramp runs."""
+def test_a_run_stopped_mid_ramp_resumes_to_the_same_weights(growth_plugin, build, tmp_path):
+    """The ramp travels with the saved model and follows the resumed step: an interrupted run ends
+    where an uninterrupted one does (the pipeline reloads its grow checkpoint the same way)."""
+    from sentinel_core.hookspecs import hookimpl
     from sentinel_core.plugins import pm
+    from sentinel_core.training import train
+
+    grown = build.gpt2()
+    prune_heads(grown, {0: [0, 1], 1: [2, 3]})
+    _grow(build, grown, 4)
+    save_model(grown, None, tmp_path / "grown")
+    data = build.data(blocks=32)
+
+    def config(name):
+        return build.config(max_steps=6, eval_every=3, patience=0, checkpoint_every=2, learning_rate=1e-2,
+                            output_dir=str(tmp_path / name), quiet=True, device="cpu")
+
+    whole, _ = load_model(tmp_path / "grown")
+    train(whole, data, config("whole"), stage="fine_tune_growth")
+
+    class StopAtStep3:
+        @hookimpl
+        def on_metric(self, event):
+            if event.step == 3 and "loss" in event.values:
+                raise KeyboardInterrupt
+
+    cut, _ = load_model(tmp_path / "grown")
+    stopper = StopAtStep3()
+    pm.register(stopper)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cut, data, config("cut"), stage="fine_tune_growth")
+    finally:
+        pm.unregister(stopper)
+    resumed, _ = load_model(tmp_path / "grown")
+    assert pending_warmup(resumed) is not None
+    train(resumed, data, config("cut"), stage="fine_tune_growth")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    assert pending_warmup(resumed) is None
+
+
+def test_the_plugin_adds_its_callback_through_the_training_hook(growth_plugin, build):
+    from sentinel_core.plugins import collect_training_callbacks, pm
 
     def hook_names(plugin):
         return sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
 
-    assert hook_names(growth_plugin) == ["register_strategies"]
+    assert hook_names(growth_plugin) == ["register_strategies", "register_training_callbacks"]
     model = build.gpt2()
     prune_heads(model, {0: [0, 1]})
+    assert collect_training_callbacks(model=model, config=None, stage="x") == []
     _grow(build, model, 1)
-    assert pm.get_plugin("sentinel-growth-warmup") is not None
-    emit("fine_tune_growth", 1, loss=1.0)  # g(1) = 1: the ramp is over
-    assert active_warmups() == []
-    assert pm.get_plugin("sentinel-growth-warmup") is None
+    assert [c.name for c in collect_training_callbacks(model=model, config=None, stage="x")] == [GateWarmup.name]
