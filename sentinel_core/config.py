@@ -57,6 +57,12 @@ class ExperimentConfig:
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     quiet: bool = False
+    report_to: str = "none"
+    tasks: str | None = None
+    tasks_include_path: str | None = None
+    tasks_num_fewshot: int | None = None
+    tasks_limit: int | None = None
+    speed_repeats: int = 5
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -99,6 +105,17 @@ class ExperimentConfig:
                 f"growth_percent {self.growth_percent} exceeds pruning_percent {self.pruning_percent}; "
                 "growth can only give back heads that pruning removed"
             )
+        from .report_to import parse_report_to
+
+        parse_report_to(self.report_to)
+        if self.tasks is not None and not [t for t in self.tasks.split(",") if t.strip()]:
+            raise SentinelError(f"tasks must be a comma list of lm-eval task names, e.g. hellaswag,piqa; got {self.tasks!r}")
+        if self.tasks_num_fewshot is not None and self.tasks_num_fewshot < 0:
+            raise SentinelError(f"tasks_num_fewshot must be 0 or more, or unset, got {self.tasks_num_fewshot}")
+        if self.tasks_limit is not None and self.tasks_limit < 1:
+            raise SentinelError(f"tasks_limit must be a positive integer or unset, got {self.tasks_limit}")
+        if self.speed_repeats < 0:
+            raise SentinelError(f"speed_repeats must be 0 (skip the timed comparison) or more, got {self.speed_repeats}")
         resolve_device(self.device)
 
     def _check_types(self) -> None:
@@ -181,6 +198,12 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "attn_implementation": (str, type(None)),
     "trust_remote_code": (bool,),
     "quiet": (bool,),
+    "report_to": (str,),
+    "tasks": (str, type(None)),
+    "tasks_include_path": (str, type(None)),
+    "tasks_num_fewshot": (int, type(None)),
+    "tasks_limit": (int, type(None)),
+    "speed_repeats": (int,),
     "options": (dict,),
 }
 

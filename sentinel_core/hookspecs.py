@@ -15,6 +15,7 @@ from pluggy import HookimplMarker, HookspecMarker
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from collections.abc import Sequence
+    from pathlib import Path
 
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -153,4 +154,40 @@ def on_metric(event: MetricEvent) -> Any:
     :return: ignored.
 
     Broadcast: every implementation is called (not firstresult). Keep it cheap and never raise.
+    """
+
+
+@hookspec
+def on_run_start(config: ExperimentConfig, run_dir: Path) -> Any:
+    """A ``sentinel run`` begins, or resumes: its run folder exists and ``experiment.json`` is written.
+
+    Called once per process, before the first stage, so an observer (an experiment tracker, a
+    notifier) can learn where the run lives and what it was asked to do. On a resumed run it is
+    called again, and ``run_dir / "state.json"`` then already exists.
+
+    :param config: the run's :class:`sentinel_core.config.ExperimentConfig` as given (the one
+        saved in ``experiment.json``). What actually ran, with test mode and the demo model's
+        settings applied, arrives with ``on_run_end`` as ``summary["effective_config"]``.
+    :param run_dir: the run folder (``config.output_dir``) as a :class:`pathlib.Path`.
+    :return: ignored.
+
+    Broadcast: every implementation is called (not firstresult). An exception in one plugin is
+    reported in one line and the run goes on.
+    """
+
+
+@hookspec
+def on_run_end(summary: dict[str, Any], run_dir: Path) -> Any:
+    """A ``sentinel run`` finished: ``summary.json``, the final ``model/`` and the plots are written.
+
+    Not called for a run that stops with an error or an interruption; such a run gets
+    ``on_run_start`` again when it is resumed.
+
+    :param summary: what ``summary.json`` holds (perplexities, heads, parameters, speed, task
+        results, timings, versions, ``config`` and ``effective_config``).
+    :param run_dir: the run folder as a :class:`pathlib.Path`.
+    :return: ignored.
+
+    Broadcast: every implementation is called (not firstresult). An exception in one plugin is
+    reported in one line; the run is already finished and stays so.
     """

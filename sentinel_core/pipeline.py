@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, hooks
+from . import __version__, hooks, run_hooks, run_measures
 from .config import ExperimentConfig, resolve_device
 from .errors import SentinelError
 from .fileio import read_json, write_json_atomic
+from .kv_cache import kv_cache_bytes_per_token
 from .metrics import emit
 from .plugins import load_plugins, pm
 from .tracking import ProgressTracker
@@ -71,6 +72,7 @@ def effective_config(config: ExperimentConfig) -> ExperimentConfig:
         calibration_batches=min(config.calibration_batches, 2),
         eval_every=min(config.eval_every, 3),
         checkpoint_every=min(config.checkpoint_every, 3),
+        speed_repeats=min(config.speed_repeats, 2),
     )
 
 
@@ -109,6 +111,7 @@ class _Run:
         tracker = ProgressTracker(self.output_dir)
         pm.register(tracker)
         try:
+            run_hooks.run_started(self.requested, self.output_dir)
             return self._stages()
         finally:
             pm.unregister(tracker)
@@ -121,6 +124,7 @@ class _Run:
         hooks.check_strategy("fine_tune", c.fine_tune)
         if c.growth_strategy:
             hooks.check_strategy("grow_heads", c.growth_strategy)
+        run_measures.check_run_extras(c)
 
     def _stages(self) -> tuple[Any, Any, dict[str, Any]]:
         import transformers
@@ -138,8 +142,10 @@ class _Run:
             start = time.perf_counter()
             baseline = self._evaluate("baseline")
             sample = self._sample("baseline")
+            tasks = run_measures.task_scores(self.model, self.tokenizer, c, self.device, "baseline")
             self._finish("baseline", time.perf_counter() - start, baseline=baseline, sample_before=sample,
-                         parameters_before=self._parameters(), heads_original=self._head_counts())
+                         parameters_before=self._parameters(), heads_original=self._head_counts(),
+                         kv_cache_before=kv_cache_bytes_per_token(self.model), tasks_baseline=tasks)
 
         if not self._done("score"):
             start = time.perf_counter()
@@ -184,8 +190,16 @@ class _Run:
             start = time.perf_counter()
             final = self._evaluate("final")
             sample = self._sample("final")
+            tasks = run_measures.task_scores(self.model, self.tokenizer, c, self.device, "final")
             self._finish("final", time.perf_counter() - start, final=final, sample_after=sample,
-                         parameters_after=self._parameters(), heads_final=self._head_counts())
+                         parameters_after=self._parameters(), heads_final=self._head_counts(),
+                         kv_cache_after=kv_cache_bytes_per_token(self.model), tasks_final=tasks)
+
+        if not self._done("speed"):
+            start = time.perf_counter()
+            speed = run_measures.measure_speed(self.model, self.state["sources"]["model"],
+                                               self.data.validation.blocks, c, self.device)
+            self._finish("speed", time.perf_counter() - start, speed=speed)
 
         summary = self._summary()
         self._save(summary)
@@ -291,10 +305,9 @@ class _Run:
                       "per_layer_final": r["heads_final"]["per_layer"], "removed_heads": r.get("removed", {}),
                       "grown_heads": r.get("grown", {}), "prune_mode": r.get("prune_mode")},
             "parameters": {"before": r["parameters_before"], "after": r["parameters_after"]},
-            "speed": {"tokens_per_second_before": before["tokens_per_second"],
-                      "tokens_per_second_after": after["tokens_per_second"],
-                      "ratio": after["tokens_per_second"] / before["tokens_per_second"]
-                      if before["tokens_per_second"] else None},
+            "kv_cache": run_measures.kv_cache_summary(r),
+            "speed": run_measures.speed_summary(r),
+            "tasks": run_measures.tasks_summary(r),
             "fine_tune": r.get("fine_tune"),
             "fine_tune_growth": r.get("fine_tune_growth"),
             "samples": {"before": r.get("sample_before"), "after": r.get("sample_after")},
@@ -315,8 +328,9 @@ class _Run:
 
     def _save(self, summary: dict[str, Any]) -> None:
         from .checkpoint import save_model
+        from .model_card import facts_from_summary
 
-        save_model(self.model, self.tokenizer, self.output_dir / "model")
+        save_model(self.model, self.tokenizer, self.output_dir / "model", card=facts_from_summary(summary))
         write_json_atomic(self.output_dir / SUMMARY_FILE, summary)
         try:
             from .plots import plot_run
@@ -326,6 +340,7 @@ class _Run:
             plot_run(self.output_dir)
         self.state["finished"] = True
         write_json_atomic(self.output_dir / STATE_FILE, self.state)
+        run_hooks.run_ended(summary, self.output_dir)
 
 
 def quiet_libraries() -> None:

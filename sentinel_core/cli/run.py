@@ -33,6 +33,12 @@ _FIELD_FOR_FLAG = {"model": "model_name"}
 @click.option("--seed", type=int)
 @click.option("--test-mode", is_flag=True, default=None, help="A few steps on a little data: a smoke test.")
 @click.option("--quiet", is_flag=True, default=None, help="No progress bars (metrics are still logged).")
+@click.option("--report-to", help="Experiment trackers: a comma list of tensorboard, mlflow, wandb, or none.")
+@click.option("--tasks", help="lm-eval tasks to score the baseline and final model on, e.g. hellaswag,piqa.")
+@click.option("--tasks-include-path", type=click.Path(file_okay=False), help="Folder of local lm-eval task YAMLs.")
+@click.option("--tasks-num-fewshot", type=int, help="Few-shot examples per task (default: the task's own).")
+@click.option("--tasks-limit", type=int, help="Score only the first N documents of each task.")
+@click.option("--speed-repeats", type=int, help="Interleaved timing repeats of baseline against final (0: skip).")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue an interrupted run in DIR.")
 def run_command(config_file: str | None, resume_dir: str | None, **flags: Any) -> None:
     """Score, prune, fine-tune (and optionally grow) a model, then evaluate and save it."""
