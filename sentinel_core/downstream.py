@@ -54,7 +54,7 @@ def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
     if key not in _task_managers:
         from lm_eval.tasks import TaskManager
 
-        _task_managers[key] = TaskManager(verbosity="ERROR", include_path=include_path,
+        _task_managers[key] = TaskManager(include_path=include_path,
                                           include_defaults=include_defaults)
     return _task_managers[key]
 
@@ -143,7 +143,7 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, tasks: str | list[str], *, 
     with _quiet_lm_eval():
         lm = _language_model(model, tokenizer, batch_size, device, progress)
         output = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot,
-                                         limit=limit, log_samples=False, verbosity="ERROR")
+                                         limit=limit, log_samples=False)
     model.eval()
     return {"tasks": _task_results(output), "num_fewshot": num_fewshot, "limit": limit,
             "lm_eval_version": getattr(lm_eval, "__version__", None) or output.get("lm_eval_version")}

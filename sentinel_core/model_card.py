@@ -41,10 +41,9 @@ def facts_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
         growth = {"strategy": config["growth_strategy"], "percent": config["growth_percent"],
                   "steps": (summary.get("fine_tune_growth") or {}).get("steps")}
     return {
-        "base_model": summary.get("model") if base in (None, "demo") else base,
-        "base_model_label": "Sentinel's embedded demo model" if base == "demo" or (
-            base is None and "demo" in str(summary.get("model", ""))) else None,
+        "base_model": summary.get("model") if base is None else base,
         "data": summary.get("data"),
+        "calibration_data": summary.get("data"),
         "scorer": config.get("scorer"),
         "prune_strategy": config.get("prune_strategy"),
         "pruning_percent": config.get("pruning_percent"),
@@ -85,7 +84,9 @@ def render_model_card(model: nn.Module, facts: dict[str, Any] | None = None, *, 
     rows = _head_rows(head_map)
     base = facts.get("base_model")
     hub_id = hub_model_id(base)
-    base_text = facts.get("base_model_label") or (f"`{base}`" if base else "an unnamed base model")
+    demo = _is_demo(base)
+    base_text = "Sentinel's embedded demo model (a small GPT-2 trained on Shakespeare)" if demo else (
+        f"`{base}`" if base else "an unnamed base model")
     original = head_map.num_layers * head_map.original_num_heads
     removed = sum(len(r["removed"]) for r in rows)
     masked = sum(len(r["masked"]) for r in rows)
@@ -101,7 +102,8 @@ def render_model_card(model: nn.Module, facts: dict[str, Any] | None = None, *, 
         changes.append(f"{grown} grown back")
     lines = [
         "---", front, "---", "",
-        f"# {_title(base, facts)}", "",
+        f"# {'Sentinel demo model' if demo else Path(str(base or 'Model')).name}, attention heads pruned with Sentinel",
+        "",
         f"This model is {base_text} after attention-head pruning with Sentinel (sentinel-core "
         f"{__version__}): {', '.join(changes)}; {working} of {original} heads work.",
     ]
@@ -141,9 +143,12 @@ def write_model_card(directory: str | Path, model: nn.Module, facts: dict[str, A
 # -- pieces ----------------------------------------------------------------------------------------
 
 
-def _title(base: str | None, facts: dict[str, Any]) -> str:
-    name = facts.get("base_model_label") or (Path(str(base)).name if base else "A model")
-    return f"{name}, attention heads pruned with Sentinel"
+def _is_demo(base: str | None) -> bool:
+    if base == "demo":
+        return True
+    from .defaults import is_demo_model
+
+    return bool(base) and is_demo_model(str(base))
 
 
 def _head_rows(head_map: Any) -> list[dict[str, Any]]:
@@ -167,7 +172,8 @@ def _recipe(facts: dict[str, Any]) -> list[tuple[str, str]]:
     if facts.get("prune_mode"):
         selection += f", {'masked' if facts['prune_mode'] == 'mask' else 'removed physically'}"
     rows = [("base model", f"`{facts['base_model']}`" if facts.get("base_model") else "not recorded"),
-            ("head scorer", f"`{facts['scorer']}`" if facts.get("scorer") else "not recorded"),
+            ("head scorer", (f"`{facts['scorer']}`" if facts.get("scorer") else "not recorded")
+             + (f" on calibration text from `{facts['calibration_data']}`" if facts.get("calibration_data") else "")),
             ("selection", selection)]
     tune = facts.get("fine_tune")
     if tune and tune.get("strategy"):
