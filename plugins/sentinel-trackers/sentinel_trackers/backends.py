@@ -79,6 +79,7 @@ class MLflowBackend:
 
         self.client = MlflowClient(tracking_uri=self.uri)
         self.run_id: str | None = None
+        self.pending: list[Any] = []
 
     def start(self, params: dict[str, Any], ids: dict[str, Any]) -> dict[str, Any]:
         from mlflow.entities import Param
@@ -102,11 +103,17 @@ class MLflowBackend:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(_mlflow_key(k), v, now, step) for k, v in scalars.items()])
+        # Asynchronous: MLflow's own worker thread writes the files, so the training step does not wait
+        # on them (see the tracker overhead in docs/benchmarks.md).
+        self.pending.append(self.client.log_batch(
+            self.run_id, metrics=[Metric(_mlflow_key(k), v, now, step) for k, v in scalars.items()], synchronous=False))
 
     def finish(self, summary: dict[str, float], summary_path: Path | None, status: str) -> None:
         if summary:
             self.log(summary, "summary", 0)
+        for operation in self.pending:  # everything logged is on disk before the run is closed
+            operation.wait()
+        self.pending.clear()
         if summary_path is not None and summary_path.is_file():
             self.client.log_artifact(self.run_id, str(summary_path))
         self.client.set_terminated(self.run_id, status=status)
