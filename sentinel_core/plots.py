@@ -107,9 +107,7 @@ def plot_comparison(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
     :return: ``path`` as a :class:`Path`.
     :raises SentinelError: when a folder is not a finished run, or no folder is given.
     """
-    summaries = [load_summary(d) for d in run_dirs]
-    if not summaries:
-        raise SentinelError("no run folders given; pass one or more --output-dir folders of finished runs")
+    summaries = _finished_summaries(run_dirs)
     points = [_comparison_point(s, d) for s, d in zip(summaries, run_dirs, strict=True)]
     keys = _series_keys(points)
 
@@ -148,6 +146,13 @@ def plot_comparison(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
     return out
 
 
+def _finished_summaries(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    summaries = [load_summary(d) for d in run_dirs]
+    if not summaries:
+        raise SentinelError("no run folders given; pass one or more --output-dir folders of finished runs")
+    return summaries
+
+
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
     """``summary.json`` of a finished run; a one-line :class:`SentinelError` otherwise."""
     run_dir = Path(run_dir)
@@ -181,9 +186,7 @@ def plot_quality_cost(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
     :return: ``path`` as a :class:`Path`.
     :raises SentinelError: when a folder is not a finished run, or no folder is given.
     """
-    summaries = [load_summary(d) for d in run_dirs]
-    if not summaries:
-        raise SentinelError("no run folders given; pass one or more --output-dir folders of finished runs")
+    summaries = _finished_summaries(run_dirs)
     points = [_cost_point(s, d) for s, d in zip(summaries, run_dirs, strict=True)]
     keys = _series_keys([_comparison_point(s, d) for s, d in zip(summaries, run_dirs, strict=True)])
     costs = [c for c in _COSTS if any(_finite(p["after"].get(c)) for p in points)]
