@@ -6,11 +6,13 @@ and stores what they return in ``state.json``; ``summary.json`` is assembled fro
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from torch import nn
 
 from .config import ExperimentConfig
+from .errors import SentinelError
 from .metrics import emit
 
 # Blocks of the validation split that the speed comparison times, in batches of the run's
@@ -60,8 +62,16 @@ def measure_speed(model: nn.Module, baseline_source: str, blocks: Any, config: E
     from .checkpoint import load_model
     from .speed import compare_throughput
 
-    baseline, _ = load_model(baseline_source, device=device, attn_implementation=config.attn_implementation,
-                             trust_remote_code=config.trust_remote_code)
+    try:
+        baseline, _ = load_model(baseline_source, device=device, attn_implementation=config.attn_implementation,
+                                 trust_remote_code=config.trust_remote_code)
+    except (SentinelError, OSError) as exc:
+        # Hours of work are done by now; a baseline that cannot be reopened (moved, or a Hub
+        # model out of reach) costs the timed comparison only, and the summary says so.
+        message = (str(exc).splitlines() or [type(exc).__name__])[0]
+        print(f"Warning: the speed comparison is skipped: the unpruned model {baseline_source!r} cannot be "
+              f"reloaded ({message[:200]}); the summary's speed is the indicative single pass", file=sys.stderr)
+        return {"skipped": message[:300]}
     try:
         timed = blocks[: SPEED_BATCHES * config.batch_size]
         result = compare_throughput(baseline, model, timed, batch_size=config.batch_size,
@@ -83,11 +93,12 @@ def speed_summary(results: dict[str, Any]) -> dict[str, Any]:
     single = {"tokens_per_second_before": before, "tokens_per_second_after": after,
               "ratio": after / before if before and after is not None else None}
     measured = results.get("speed")
-    if measured:
+    if measured and "skipped" not in measured:
         return {**measured, "indicative": False, "single_pass": single}
+    why = (f"the timed comparison failed: {measured['skipped']}" if measured
+           else "speed_repeats=0 skipped the timed comparison")
     return {**single, "method": "single-pass", "indicative": True,
-            "note": "one evaluation pass of each model, not interleaved: indicative only "
-                    "(speed_repeats=0 skipped the timed comparison)"}
+            "note": f"one evaluation pass of each model, not interleaved: indicative only ({why})"}
 
 
 def kv_cache_summary(results: dict[str, Any]) -> dict[str, Any]:

@@ -49,3 +49,21 @@ def test_models_come_back_in_their_own_mode_and_the_forward_really_runs():
     assert result["tokens_per_second_before"] > 0 and result["ratio"] > 0
     with pytest.raises(ValueError, match="repeats"):
         speed.compare_throughput(before, after, torch.zeros((2, 8), dtype=torch.long), batch_size=2, repeats=0)
+
+
+def test_the_summary_labels_a_skipped_or_failed_comparison_indicative(tmp_path, capsys):
+    from sentinel_core.config import ExperimentConfig
+    from sentinel_core.run_measures import measure_speed, speed_summary
+
+    results = {"baseline": {"tokens_per_second": 400.0}, "final": {"tokens_per_second": 716.0}}
+    skipped = speed_summary({**results, "speed": measure_speed(tiny_gpt2(), "ignored", None,
+                                                               ExperimentConfig(speed_repeats=0), "cpu")})
+    assert skipped["method"] == "single-pass" and skipped["indicative"] is True
+    assert skipped["ratio"] == pytest.approx(1.79) and "speed_repeats=0" in skipped["note"]
+    failed = measure_speed(tiny_gpt2(), str(tmp_path / "moved-away"), torch.zeros((2, 8), dtype=torch.long),
+                           ExperimentConfig(batch_size=2), "cpu")
+    assert "does not exist" in failed["skipped"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Warning: the speed comparison is skipped")
+    labelled = speed_summary({**results, "speed": failed})
+    assert labelled["indicative"] is True and "the timed comparison failed" in labelled["note"]
