@@ -12,6 +12,7 @@ offline, that fails with one line that says so, and a local task YAML over a loc
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib.util
 import logging
 import math
@@ -140,7 +141,7 @@ def evaluate_tasks(model: nn.Module, tokenizer: Any, tasks: str | list[str], *, 
     if tokenizer is None:
         raise SentinelError("the model has no tokenizer; lm-eval tasks need one (save it with the model)")
     device = str(device or model_device(model))
-    with _quiet_lm_eval():
+    with _quiet_lm_eval(progress):
         lm = _language_model(model, tokenizer, batch_size, device, progress)
         output = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, num_fewshot=num_fewshot,
                                          limit=limit, log_samples=False)
@@ -176,15 +177,25 @@ def _number(value: Any) -> bool:
 
 
 @contextmanager
-def _quiet_lm_eval() -> Iterator[None]:
-    """lm-eval logs every step at INFO and WARNING: keep its errors only while it runs."""
+def _quiet_lm_eval(progress: bool = True) -> Iterator[None]:
+    """lm-eval logs every step at INFO and WARNING: keep its errors only while it runs. Without
+    ``progress``, its per-task "building contexts" bar is off too; lm-eval offers no switch for it,
+    so the ``tqdm`` name inside ``lm_eval.api.task`` is swapped for a silent one and put back after."""
     logger = logging.getLogger("lm_eval")
     level = logger.level
     logger.setLevel(logging.ERROR)
+    task_module = original = None
+    if not progress:
+        import lm_eval.api.task as task_module
+
+        original = task_module.tqdm
+        task_module.tqdm = functools.partial(original, disable=True)
     try:
         yield
     finally:
         logger.setLevel(level)
+        if task_module is not None:
+            task_module.tqdm = original
 
 
 def _language_model(model: nn.Module, tokenizer: Any, batch_size: int, device: str, progress: bool) -> Any:
