@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import platform
 import statistics
@@ -30,11 +29,11 @@ sys.path.insert(0, str(ROOT / "plugins" / "sentinel-adaptive"))  # when the plug
 
 import torch  # noqa: E402
 
-from sentinel_core import hooks  # noqa: E402
+from sentinel_core import plugins  # noqa: E402
 from sentinel_core.config import ExperimentConfig  # noqa: E402
 from sentinel_core.data import batches, load_data  # noqa: E402
 from sentinel_core.evaluation import evaluate  # noqa: E402
-from sentinel_core.fileio import write_text_atomic  # noqa: E402
+from sentinel_core.fileio import dumps_strict, write_text_atomic  # noqa: E402
 from sentinel_core.plugins import load_plugins, pm  # noqa: E402
 
 
@@ -89,8 +88,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from sentinel_core.checkpoint import load_model
     from sentinel_core.config import resolve_device
+    from sentinel_core.model_io import load_model
 
     register_adaptive()
     device = resolve_device(args.device)
@@ -131,8 +130,8 @@ def main() -> None:
             calibration.append(batch)
             if len(calibration) >= cfg.calibration_batches:
                 break
-        scores = hooks.score_heads(args.scorer, model=model, batches=calibration, config=cfg)
-        pruned_heads = hooks.prune(args.prune_strategy, model=model, scores=scores, config=cfg)
+        scores = plugins.score_heads(args.scorer, model=model, batches=calibration, config=cfg)
+        pruned_heads = plugins.prune(args.prune_strategy, model=model, scores=scores, config=cfg)
     model.to(device)
     pruned = perplexity(model, ids, args, device)
     print(f"{args.model}: {split_name} perplexity {baseline:.2f} -> {pruned:.2f} after pruning "
@@ -145,7 +144,7 @@ def main() -> None:
             candidate = copy.deepcopy(model)
             with tempfile.TemporaryDirectory() as out:
                 start = time.perf_counter()
-                result = hooks.fine_tune(strategy, model=candidate, tokenizer=tokenizer, data=data,
+                result = plugins.fine_tune(strategy, model=candidate, tokenizer=tokenizer, data=data,
                                          config=config(seed, out, strategy, lr_scale), stage="fine_tune")
                 seconds = time.perf_counter() - start
             row[arm] = {"perplexity": perplexity(candidate, ids, args, device), "seconds": seconds,
@@ -176,7 +175,7 @@ def main() -> None:
               "adaptive_better_seeds": better,
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
     out = Path(args.out)
-    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out, dumps_strict(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

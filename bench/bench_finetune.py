@@ -19,7 +19,6 @@ Usage: python bench/bench_finetune.py [--steps 20] [--repeats 3] [--device cpu] 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -37,7 +36,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, get_cosine_schedule_with_w
 
 from sentinel_core.config import ExperimentConfig, resolve_device  # noqa: E402
 from sentinel_core.data import LMData, TokenSplit  # noqa: E402
-from sentinel_core.fileio import write_text_atomic  # noqa: E402
+from sentinel_core.fileio import dumps_strict, write_text_atomic  # noqa: E402
 from sentinel_core.hookspecs import hookimpl  # noqa: E402
 from sentinel_core.plugins import pm  # noqa: E402
 from sentinel_core.training import resolve_mixed_precision, train  # noqa: E402
@@ -214,7 +213,7 @@ def main() -> None:
           f"{cpu_ratio:.3f} CPU; goal >= 0.95. {device_name}, mixed precision {precision}, "
           f"{torch.get_num_threads()} thread(s), load average {load_before} -> {_load()}")
     out = Path(args.out)
-    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out, dumps_strict(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -43,8 +42,7 @@ STRAIGHT = "prune 30%"
 
 def _load_growth_plugin() -> None:
     """Load the installed plugins; register the in-tree growth plugin if it is not installed."""
-    from sentinel_core.hooks import available_strategies
-    from sentinel_core.plugins import load_plugins, pm
+    from sentinel_core.plugins import available_strategies, load_plugins, pm
 
     load_plugins()
     if "gradient" not in available_strategies("grow_heads"):
@@ -80,11 +78,11 @@ def main() -> None:
 
     import torch
 
-    from sentinel_core import hooks
-    from sentinel_core.checkpoint import load_model
+    from sentinel_core import plugins
     from sentinel_core.config import ExperimentConfig, resolve_device
     from sentinel_core.data import batches, load_data
     from sentinel_core.evaluation import evaluate
+    from sentinel_core.model_io import load_model
     from sentinel_core.surgery import get_head_map
 
     _load_growth_plugin()
@@ -130,17 +128,17 @@ def main() -> None:
                 calibration.append(batch)
                 if len(calibration) >= args.calibration_batches:
                     break
-            scores = hooks.score_heads(args.scorer, model=model, batches=calibration, config=config)
+            scores = plugins.score_heads(args.scorer, model=model, batches=calibration, config=config)
 
             def fine_tune(m, steps: int, stage: str, arm: str, config=config, seed=seed):
                 out = Path(workdir) / f"{arm.replace(' ', '_').replace('%', '')}-{seed}"
                 cfg = config.replace(max_steps=steps, output_dir=str(out))
-                return hooks.fine_tune(args.fine_tuner, model=m, tokenizer=tokenizer, data=data, config=cfg, stage=stage)
+                return plugins.fine_tune(args.fine_tuner, model=m, tokenizer=tokenizer, data=data, config=cfg, stage=stage)
 
             # Straight to the target.
             t0 = time.perf_counter()
             m = copy.deepcopy(model)
-            hooks.prune("global", model=m, scores=scores, config=config.replace(pruning_percent=args.prune_to,
+            plugins.prune("global", model=m, scores=scores, config=config.replace(pruning_percent=args.prune_to,
                                                                                 growth_percent=0.0))
             record = {"pruned": perplexity(m), "heads": None}
             fine_tune(m, args.steps, "fine_tune", STRAIGHT)
@@ -155,11 +153,11 @@ def main() -> None:
                 arm = f"grow {strategy}"
                 t0 = time.perf_counter()
                 m = copy.deepcopy(model)
-                hooks.prune("global", model=m, scores=scores, config=config)
+                plugins.prune("global", model=m, scores=scores, config=config)
                 record = {"pruned": perplexity(m)}
                 fine_tune(m, first, "fine_tune", arm)
                 record["tuned"] = perplexity(m)
-                grown = hooks.grow_heads(strategy, model=m, data=data,
+                grown = plugins.grow_heads(strategy, model=m, data=data,
                                          config=config.replace(growth_strategy=strategy))
                 m.to(device)
                 record.update(grown=perplexity(m), per_layer=grown.extra.get("per_layer"))
@@ -193,10 +191,10 @@ def main() -> None:
         "median_final_perplexity": {arm: median(arm, "final") for arm in arms},
         "seconds": time.perf_counter() - start, "torch": torch.__version__, "device": device,
     }
-    from sentinel_core.fileio import write_text_atomic
+    from sentinel_core.fileio import dumps_strict, write_text_atomic
 
     out = Path(args.out)
-    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out, dumps_strict(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

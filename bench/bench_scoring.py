@@ -275,10 +275,10 @@ def main() -> None:
         results["memory_batch"] = args.memory_batch_size
         results["memory"] = memory(counts, ["entropy", "gradient", "entropy-output_attentions"], args.memory_batch_size)
     print_report(results)
-    from sentinel_core.fileio import write_text_atomic
+    from sentinel_core.fileio import dumps_strict, write_text_atomic
 
     out = Path(args.out)
-    write_text_atomic(out, json.dumps(results, indent=2) + "\n")
+    write_text_atomic(out, dumps_strict(results, indent=2) + "\n")
     print(f"\nwrote {out}")
 
 

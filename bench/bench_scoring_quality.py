@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -38,8 +37,7 @@ def _load_scorer_plugins() -> None:
     """Load the installed plugins; register the in-tree scorer plugins if they are not installed."""
     import importlib
 
-    from sentinel_core.hooks import available_strategies
-    from sentinel_core.plugins import load_plugins, pm
+    from sentinel_core.plugins import available_strategies, load_plugins, pm
 
     load_plugins()
     known = available_strategies("score_heads")
@@ -68,11 +66,11 @@ def main() -> None:
 
     import torch
 
-    from sentinel_core import hooks
-    from sentinel_core.checkpoint import load_model
+    from sentinel_core import plugins
     from sentinel_core.config import ExperimentConfig, resolve_device
     from sentinel_core.data import batches, load_data
     from sentinel_core.evaluation import evaluate
+    from sentinel_core.model_io import load_model
 
     _load_scorer_plugins()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -121,10 +119,10 @@ def main() -> None:
         for scorer in scorers:
             config = ExperimentConfig(seed=seed, scorer=scorer, prune_strategy=args.prune_strategy,
                                       calibration_batches=args.calibration_batches, batch_size=args.batch_size)
-            scores = hooks.score_heads(scorer, model=model, batches=calibration, config=config)
+            scores = plugins.score_heads(scorer, model=model, batches=calibration, config=config)
             for p in percents:
                 pruned = copy.deepcopy(model)
-                result = hooks.prune(args.prune_strategy, model=pruned, scores=scores,
+                result = plugins.prune(args.prune_strategy, model=pruned, scores=scores,
                                      config=config.replace(pruning_percent=p))
                 runs[scorer][str(p)].append(perplexity(pruned))
                 removed[scorer][str(p)].append(result.count)
@@ -166,10 +164,10 @@ def main() -> None:
         if tuning else None,
         "seconds": time.perf_counter() - start, "torch": torch.__version__,
     }
-    from sentinel_core.fileio import write_text_atomic
+    from sentinel_core.fileio import dumps_strict, write_text_atomic
 
     out = Path(args.out)
-    write_text_atomic(out, json.dumps(record, indent=2) + "\n")
+    write_text_atomic(out, dumps_strict(record, indent=2) + "\n")
     print(f"wrote {out}")
 
 

@@ -296,10 +296,10 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "summary": summary,
     }
-    from sentinel_core.fileio import write_text_atomic
+    from sentinel_core.fileio import dumps_strict, write_text_atomic
 
     out = Path(args.out)
-    write_text_atomic(out, json.dumps(result, indent=2) + "\n")
+    write_text_atomic(out, dumps_strict(result, indent=2) + "\n")
     print(f"wrote {out} in {time.perf_counter() - started:.0f}s")
     return 0
 

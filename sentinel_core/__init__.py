@@ -16,8 +16,8 @@ _LAZY = {
     "ExperimentConfig": ".config",
     "run_experiment": ".pipeline",
     "generate_text": ".generation",
-    "save_model": ".checkpoint",
-    "load_model": ".checkpoint",
+    "save_model": ".model_io",
+    "load_model": ".model_io",
     "SentinelError": ".errors",
     "HeadScores": ".results",
     "PruneResult": ".results",
@@ -25,20 +25,25 @@ _LAZY = {
     "GrowthResult": ".results",
     "Strategy": ".results",
     "MetricEvent": ".metrics",
+    "Option": ".options",
+    "emit": ".plugins",
 }
 
 __all__ = [  # noqa: F822 - the lazy names resolve through __getattr__
     "__version__", "hookimpl", "ExperimentConfig", "run_experiment", "generate_text", "save_model", "load_model",
     "SentinelError", "HeadScores", "PruneResult", "FineTuneResult", "GrowthResult", "Strategy", "MetricEvent",
+    "Option", "emit",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .checkpoint import load_model, save_model
     from .config import ExperimentConfig
     from .errors import SentinelError
     from .generation import generate_text
     from .metrics import MetricEvent
+    from .model_io import load_model, save_model
+    from .options import Option
     from .pipeline import run_experiment
+    from .plugins import emit
     from .results import FineTuneResult, GrowthResult, HeadScores, PruneResult, Strategy
 
 

@@ -1,103 +1,163 @@
-"""``ExperimentConfig``: every setting of a run, validated when it is built."""
+"""``ExperimentConfig``: every setting of a run, each declared once, validated when it is built.
+
+Each field carries its help text and its valid values in its metadata (:func:`setting`). The
+``sentinel run`` flags (``sentinel_core.cli.run``), TOML loading, validation and the reference
+page docs/config.md (:func:`reference_markdown`) are all derived from these declarations.
+Strategy options (``options``) are declared by the strategies that own them
+(:class:`sentinel_core.options.Option`) and checked by the plugin layer.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import tomllib
+import typing
 from dataclasses import dataclass, field, fields
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from .errors import SentinelError
+from .options import Rule
 
 DEFAULT_HUB_MODEL = "distilgpt2"
 DEFAULT_HUB_DATA = "wikitext:wikitext-2-raw-v1"
 PRUNE_MODES = ("remove", "mask")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+
+SECTIONS = ("model and data", "pruning", "fine-tuning", "growth", "evaluation", "run")
+
+
+def setting(default: Any, help: str, *, section: str, flag: str | None = None, choices: tuple | None = None,
+            minimum: float | None = None, maximum: float | None = None, min_exclusive: bool = False,
+            max_exclusive: bool = False, what: str | None = None, display_only: bool = False,
+            default_text: str | None = None) -> Any:
+    """A dataclass field with its documentation and valid values in its metadata.
+
+    :param help: one line for ``--help`` and docs/config.md.
+    :param section: where docs/config.md lists it (one of :data:`SECTIONS`).
+    :param flag: the command-line flag when it is not ``--`` + the name with ``-`` for ``_``.
+    :param display_only: changes only what is shown, not results (such flags are accepted with
+        ``sentinel run --resume``).
+    :param default_text: how help shows the default when the value alone would mislead.
+    The remaining parameters are those of :class:`sentinel_core.options.Rule`.
+    """
+    if section not in SECTIONS:
+        raise ValueError(f"section {section!r} is not one of {SECTIONS}")
+    metadata = {"help": help, "section": section, "flag": flag, "choices": choices, "minimum": minimum,
+                "maximum": maximum, "min_exclusive": min_exclusive, "max_exclusive": max_exclusive, "what": what,
+                "display_only": display_only, "default_text": default_text}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class ExperimentConfig:
-    """Settings of one prune / fine-tune / grow experiment.
+    """Settings of one prune / fine-tune / grow experiment (docs/config.md lists them all).
 
     ``model_name`` and ``data`` left as None mean the documented defaults (distilgpt2 on
     WikiText-2), or the embedded demo model and corpus when the Hugging Face Hub is unreachable.
     """
 
-    model_name: str | None = None
-    pruning_percent: float = 0.3
-    num_epochs: int = 1
-    batch_size: int = 8
-    learning_rate: float = 5e-5
-    device: str = "auto"
-    output_dir: str = "sentinel_output"
-    test_mode: bool = False
-    data: str | None = None
-    scorer: str = "entropy"
-    prune_strategy: str = "global"
-    prune_mode: str = "remove"
-    min_heads_per_layer: int = 1
-    fine_tune: str = "plain"
-    growth_strategy: str | None = None
-    growth_percent: float = 0.0
-    seed: int = 42
-    block_size: int = 128
-    max_steps: int | None = None
-    eval_every: int = 100
-    eval_stride: int | None = None
-    max_eval_blocks: int | None = None
-    patience: int = 3
-    warmup_fraction: float = 0.1
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    checkpoint_every: int = 200
-    calibration_batches: int = 8
-    mixed_precision: str = "auto"
-    attn_implementation: str | None = None
-    trust_remote_code: bool = False
-    quiet: bool = False
-    report_to: str = "none"
-    tasks: str | None = None
-    tasks_include_path: str | None = None
-    tasks_num_fewshot: int | None = None
-    tasks_limit: int | None = None
-    speed_repeats: int = 5
-    options: dict[str, Any] = field(default_factory=dict)
+    # -- model and data
+    model_name: str | None = setting(
+        None, "Hub name or local folder of a causal LM, or 'demo'.", section="model and data", flag="--model",
+        default_text=f"{DEFAULT_HUB_MODEL}, or demo when the Hub is unreachable")
+    data: str | None = setting(
+        None, "Hub dataset NAME[:CONFIG], a local .txt/.json/.jsonl/.parquet file or folder, or 'demo'.",
+        section="model and data", default_text=f"{DEFAULT_HUB_DATA}, or demo when the Hub is unreachable")
+    block_size: int = setting(128, "Tokens per training, calibration and evaluation block.", section="model and data",
+                              minimum=2)
+    attn_implementation: str | None = setting(
+        None, "Attention kernel to load the model with.", section="model and data", choices=ATTN_IMPLEMENTATIONS,
+        default_text="the model's own")
+    trust_remote_code: bool = setting(False, "Allow a Hub model's own Python code to run.", section="model and data")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.", section="model and data")
+
+    # -- pruning
+    scorer: str = setting("entropy", "Head-importance strategy (see `sentinel plugins`).", section="pruning")
+    pruning_percent: float = setting(0.3, "Fraction of the original heads to remove.", section="pruning",
+                                     minimum=0.0, maximum=1.0, max_exclusive=True, what="a fraction in [0, 1), e.g. 0.3")
+    prune_strategy: str = setting("global", "Selection policy (see `sentinel plugins`).", section="pruning")
+    prune_mode: str = setting("remove", "Remove heads physically, or gate them off.", section="pruning",
+                              choices=PRUNE_MODES)
+    min_heads_per_layer: int = setting(1, "Never leave a layer with fewer active heads.", section="pruning", minimum=0)
+    calibration_batches: int = setting(8, "Batches of training text the scorer sees.", section="pruning", minimum=1)
+
+    # -- fine-tuning
+    fine_tune: str = setting("plain", "Fine-tuning strategy (see `sentinel plugins`).", section="fine-tuning")
+    num_epochs: int = setting(1, "Fine-tuning epochs (max_steps caps them).", section="fine-tuning", minimum=1)
+    max_steps: int | None = setting(None, "Cap on optimizer steps per fine-tuning stage.", section="fine-tuning",
+                                    minimum=1, default_text="no cap")
+    batch_size: int = setting(8, "Blocks per micro-batch and process.", section="fine-tuning", minimum=1)
+    gradient_accumulation_steps: int = setting(1, "Micro-batches per optimizer step.", section="fine-tuning",
+                                               minimum=1)
+    learning_rate: float = setting(5e-5, "Peak learning rate.", section="fine-tuning", minimum=0.0,
+                                   min_exclusive=True)
+    warmup_fraction: float = setting(0.1, "Share of the steps spent warming the learning rate up.",
+                                     section="fine-tuning", minimum=0.0, maximum=1.0, max_exclusive=True)
+    max_grad_norm: float = setting(1.0, "Gradient-norm clipping threshold.", section="fine-tuning", minimum=0.0,
+                                   min_exclusive=True)
+    eval_every: int = setting(100, "Evaluate on validation blocks every N steps.", section="fine-tuning", minimum=1)
+    patience: int = setting(3, "Stop after N evaluations without improvement (0: never).", section="fine-tuning",
+                            minimum=0)
+    checkpoint_every: int = setting(200, "Write a resumable step checkpoint every N steps.", section="fine-tuning",
+                                    minimum=1)
+    mixed_precision: str = setting("auto", "auto: bf16 (or fp16) on GPUs, none on the CPU.", section="fine-tuning",
+                                   choices=MIXED_PRECISION)
+
+    # -- growth
+    growth_strategy: str | None = setting(None, "Where to grow heads back (see `sentinel plugins`).",
+                                          section="growth", default_text="no growth")
+    growth_percent: float = setting(0.0, "Heads to grow back, as a fraction of the original count.",
+                                    section="growth", minimum=0.0, maximum=1.0, max_exclusive=True,
+                                    what="a fraction in [0, 1), e.g. 0.1")
+
+    # -- evaluation
+    eval_stride: int | None = setting(None, "Sliding-window stride for perplexity.", section="evaluation",
+                                      minimum=1, default_text="block_size")
+    max_eval_blocks: int | None = setting(None, "Evaluate on the first N validation blocks only.",
+                                          section="evaluation", minimum=1, default_text="all")
+    sample_prompt: str = setting("The", "Prompt of the text samples generated before and after.",
+                                 section="evaluation")
+    tasks: str | None = setting(None, "lm-eval tasks to score the baseline and final model on, e.g. hellaswag,piqa.",
+                                section="evaluation", default_text="none")
+    tasks_include_path: str | None = setting(None, "Folder of local lm-eval task YAMLs.", section="evaluation",
+                                             default_text="none")
+    tasks_num_fewshot: int | None = setting(None, "Few-shot examples per task.", section="evaluation", minimum=0,
+                                            default_text="the task's own")
+    tasks_limit: int | None = setting(None, "Score only the first N documents of each task.", section="evaluation",
+                                      minimum=1, default_text="all")
+    speed_repeats: int = setting(5, "Interleaved timing repeats of the unpruned against the final model (0: skip).",
+                                 section="evaluation", minimum=0)
+
+    # -- run
+    output_dir: str = setting("sentinel_output", "A new or empty folder for the run (docs/output-folders.md).",
+                              section="run")
+    seed: int = setting(42, "Random seed (also picks the validation part of single-file data).", section="run",
+                        minimum=0)
+    test_mode: bool = setting(False, "A few steps on a little data: a smoke test of every stage.", section="run")
+    quiet: bool = setting(False, "No progress bars (metrics are still logged).", section="run", display_only=True)
+    report_to: str = setting("none", "Experiment trackers: a comma list of tensorboard, mlflow, wandb, or none.",
+                             section="run", display_only=True)
+    options: dict[str, Any] = setting({}, "Strategy options, KEY=VALUE (see `sentinel run --help-strategy NAME`).",
+                                      section="run", flag="--option")
 
     def __post_init__(self) -> None:
-        self._check_types()
-        _check_range("pruning_percent", self.pruning_percent, 0.0, 1.0, "a fraction in [0, 1), e.g. 0.3")
-        _check_range("growth_percent", self.growth_percent, 0.0, 1.0, "a fraction in [0, 1), e.g. 0.1")
-        for name in ("num_epochs", "batch_size", "block_size", "eval_every", "gradient_accumulation_steps",
-                     "checkpoint_every", "calibration_batches"):
-            if getattr(self, name) < 1:
-                raise SentinelError(f"{name} must be a positive integer, got {getattr(self, name)}")
-        if self.block_size < 2:
-            raise SentinelError(f"block_size must be at least 2, got {self.block_size}")
-        for name in ("max_steps", "eval_stride", "max_eval_blocks"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise SentinelError(f"{name} must be a positive integer or unset, got {value}")
-        if self.patience < 0 or self.min_heads_per_layer < 0 or self.seed < 0:
-            bad = next(n for n in ("patience", "min_heads_per_layer", "seed") if getattr(self, n) < 0)
-            raise SentinelError(f"{bad} must be 0 or more, got {getattr(self, bad)}")
-        if not self.learning_rate > 0:
-            raise SentinelError(f"learning_rate must be positive, got {self.learning_rate}")
-        if not 0 <= self.warmup_fraction < 1:
-            raise SentinelError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-        if not self.max_grad_norm > 0:
-            raise SentinelError(f"max_grad_norm must be positive, got {self.max_grad_norm}")
-        if self.prune_mode not in PRUNE_MODES:
-            raise SentinelError(f"prune_mode must be one of {', '.join(PRUNE_MODES)}, got {self.prune_mode!r}")
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise SentinelError(
-                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
-            )
-        if self.attn_implementation not in (None, "eager", "sdpa", "flash_attention_2"):
-            raise SentinelError(
-                f"attn_implementation must be eager, sdpa or flash_attention_2, got {self.attn_implementation!r}"
-            )
+        for f in fields(self):
+            if f.name == "options":
+                if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
+                    raise SentinelError(f"options must be a table of KEY = VALUE, got {self.options!r}")
+                continue
+            setattr(self, f.name, field_rule(f.name).check(f.name, getattr(self, f.name)))
+        from .report_to import parse_report_to
+
+        parse_report_to(self.report_to)
+        if self.tasks is not None and not [t for t in self.tasks.split(",") if t.strip()]:
+            raise SentinelError(f"tasks must be a comma list of lm-eval task names, e.g. hellaswag,piqa; got {self.tasks!r}")
         if self.growth_percent > 0 and not self.growth_strategy:
             raise SentinelError("growth_percent is set but growth_strategy is not; pick one, e.g. gradient")
         if self.growth_percent > self.pruning_percent:
@@ -105,36 +165,12 @@ class ExperimentConfig:
                 f"growth_percent {self.growth_percent} exceeds pruning_percent {self.pruning_percent}; "
                 "growth can only give back heads that pruning removed"
             )
-        from .report_to import parse_report_to
-
-        parse_report_to(self.report_to)
-        if self.tasks is not None and not [t for t in self.tasks.split(",") if t.strip()]:
-            raise SentinelError(f"tasks must be a comma list of lm-eval task names, e.g. hellaswag,piqa; got {self.tasks!r}")
-        if self.tasks_num_fewshot is not None and self.tasks_num_fewshot < 0:
-            raise SentinelError(f"tasks_num_fewshot must be 0 or more, or unset, got {self.tasks_num_fewshot}")
-        if self.tasks_limit is not None and self.tasks_limit < 1:
-            raise SentinelError(f"tasks_limit must be a positive integer or unset, got {self.tasks_limit}")
-        if self.speed_repeats < 0:
-            raise SentinelError(f"speed_repeats must be 0 (skip the timed comparison) or more, got {self.speed_repeats}")
         resolve_device(self.device)
-
-    def _check_types(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            expected = _TYPES[f.name]
-            if value is None and type(None) in expected:
-                continue
-            if float in expected and isinstance(value, int) and not isinstance(value, bool):
-                setattr(self, f.name, float(value))
-                continue
-            if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
-                names = " or ".join("none" if t is type(None) else t.__name__ for t in expected)
-                raise SentinelError(f"{f.name} must be {names}, got {value!r}")
 
     @classmethod
     def from_toml(cls, path: str | Path, **overrides: Any) -> ExperimentConfig:
         """Load a config from a TOML file (top-level keys, or an ``[experiment]`` table);
-        ``overrides`` (e.g. CLI flags) win over the file."""
+        ``overrides`` (e.g. CLI flags) win over the file, and ``options`` tables are merged."""
         path = Path(path)
         if not path.is_file():
             raise SentinelError(f"config file {str(path)!r} does not exist; pass an existing .toml file")
@@ -143,7 +179,10 @@ class ExperimentConfig:
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise SentinelError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
         raw = raw.get("experiment", raw)
-        return cls.from_dict({**raw, **overrides})
+        merged = {**raw, **overrides}
+        if isinstance(raw.get("options"), dict) and "options" in overrides:
+            merged["options"] = {**raw["options"], **overrides["options"]}
+        return cls.from_dict(merged)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ExperimentConfig:
@@ -165,52 +204,83 @@ class ExperimentConfig:
         return dataclasses.replace(self, **changes)
 
 
-_TYPES: dict[str, tuple[type, ...]] = {
-    "model_name": (str, type(None)),
-    "pruning_percent": (float,),
-    "num_epochs": (int,),
-    "batch_size": (int,),
-    "learning_rate": (float,),
-    "device": (str,),
-    "output_dir": (str,),
-    "test_mode": (bool,),
-    "data": (str, type(None)),
-    "scorer": (str,),
-    "prune_strategy": (str,),
-    "prune_mode": (str,),
-    "min_heads_per_layer": (int,),
-    "fine_tune": (str,),
-    "growth_strategy": (str, type(None)),
-    "growth_percent": (float,),
-    "seed": (int,),
-    "block_size": (int,),
-    "max_steps": (int, type(None)),
-    "eval_every": (int,),
-    "eval_stride": (int, type(None)),
-    "max_eval_blocks": (int, type(None)),
-    "patience": (int,),
-    "warmup_fraction": (float,),
-    "gradient_accumulation_steps": (int,),
-    "max_grad_norm": (float,),
-    "checkpoint_every": (int,),
-    "calibration_batches": (int,),
-    "mixed_precision": (str,),
-    "attn_implementation": (str, type(None)),
-    "trust_remote_code": (bool,),
-    "quiet": (bool,),
-    "report_to": (str,),
-    "tasks": (str, type(None)),
-    "tasks_include_path": (str, type(None)),
-    "tasks_num_fewshot": (int, type(None)),
-    "tasks_limit": (int, type(None)),
-    "speed_repeats": (int,),
-    "options": (dict,),
-}
+# -- the declarations, read back -----------------------------------------------------------------
 
 
-def _check_range(name: str, value: float, low: float, high: float, what: str) -> None:
-    if not low <= value < high:
-        raise SentinelError(f"{name} must be {what}, got {value}")
+@cache
+def _annotations() -> dict[str, Any]:
+    return typing.get_type_hints(ExperimentConfig)
+
+
+def field_kind(name: str) -> tuple[type, bool]:
+    """``(kind, optional)`` of a field from its annotation: ``int | None`` -> ``(int, True)``."""
+    annotation = _annotations()[name]
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = type(None) in typing.get_args(annotation)
+    kind = args[0] if optional else annotation
+    return typing.get_origin(kind) or kind, optional
+
+
+@cache
+def field_rule(name: str) -> Rule:
+    """The :class:`Rule` a field's value must follow, from its annotation and metadata."""
+    meta = field_info(name).metadata
+    kind, optional = field_kind(name)
+    return Rule(kind, optional, meta["choices"], meta["minimum"], meta["maximum"], meta["min_exclusive"],
+                meta["max_exclusive"], meta["what"])
+
+
+@cache
+def field_info(name: str) -> dataclasses.Field:
+    return next(f for f in fields(ExperimentConfig) if f.name == name)
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of field ``name``."""
+    return field_info(name).metadata["flag"] or "--" + name.replace("_", "-")
+
+
+def default_text(name: str) -> str:
+    """The default of field ``name`` as help and docs show it."""
+    info = field_info(name)
+    if info.metadata["default_text"]:
+        return info.metadata["default_text"]
+    default = info.default_factory() if info.default is dataclasses.MISSING else info.default
+    if isinstance(default, bool):
+        return "on" if default else "off"
+    return "none" if default == {} else str(default)
+
+
+def display_only_fields() -> set[str]:
+    """Fields that change only what is shown, not what a run computes."""
+    return {f.name for f in fields(ExperimentConfig) if f.metadata["display_only"]}
+
+
+def reference_markdown() -> str:
+    """docs/config.md: every setting with its flag, TOML key, default and valid values."""
+    lines = ["# Configuration reference", "",
+             "Every setting of `sentinel run` and `ExperimentConfig`. Each one is a flag, a key of a TOML file",
+             "(`sentinel run --config experiment.toml`, top level or an `[experiment]` table; flags win over the",
+             "file) and a keyword of `ExperimentConfig(...)`. Strategy options go under `[options]` in TOML and",
+             "`-o KEY=VALUE` on the command line; `sentinel plugins` and `sentinel run --help-strategy NAME` list",
+             "them. This page is generated from the declarations in `sentinel_core/config.py`",
+             "(`python -m sentinel_core.config > docs/config.md`), and a test keeps it current.", ""]
+    for section in SECTIONS:
+        lines += [f"## {section.capitalize()}", "", "| flag | key | default | valid values | what it does |",
+                  "|---|---|---|---|---|"]
+        for f in fields(ExperimentConfig):
+            if f.metadata["section"] != section:
+                continue
+            flag = flag_name(f.name) + (" (`-o`)" if f.name == "options" else "")
+            valid = "" if f.name == "options" else field_rule(f.name).describe()
+            kind, optional = field_kind(f.name)
+            kind_name = "table" if kind is dict else kind.__name__
+            valid = f"{kind_name}{' or none' if optional else ''}{'; ' + valid if valid else ''}"
+            shown_only = " Changes only what is shown: accepted with `--resume`." if f.metadata["display_only"] else ""
+            lines.append(f"| `{flag}` | `{f.name}` | {default_text(f.name)} | {valid} | "
+                         f"{f.metadata['help']}{shown_only} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def resolve_device(device: str) -> str:
@@ -240,3 +310,7 @@ def resolve_device(device: str) -> str:
             raise SentinelError("device 'mps' is not available on this machine; use cpu or auto")
         return device
     raise SentinelError(f"device {device!r} is not valid; use auto, cpu, cuda, cuda:N or mps")
+
+
+if __name__ == "__main__":  # python -m sentinel_core.config > docs/config.md
+    print(reference_markdown())

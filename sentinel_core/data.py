@@ -24,11 +24,14 @@ import torch
 from sentinel_core.errors import SentinelError
 
 __all__ = [
+    "FileSplits",
+    "IGNORE_INDEX",
     "LMData",
     "TokenSplit",
     "SUPPORTED_EXTENSIONS",
     "load_data",
     "batches",
+    "calibration_batches",
     "collate",
     "clear_cache",
 ]
@@ -62,6 +65,7 @@ _MAX_CHUNKS = 1000
 _PATHLIKE_SUFFIXES = {".txt", ".json", ".jsonl", ".parquet", ".csv", ".tsv", ".gz", ".md", ".arrow",
                       ".zip", ".xz", ".bz2", ".zst", ".text", ".raw", ".tokens"}
 
+# The label of positions that no loss counts (padding): PyTorch's cross_entropy default.
 IGNORE_INDEX = -100
 
 
@@ -115,8 +119,21 @@ def clear_cache() -> None:
         _cache.clear()
 
 
+@dataclass(frozen=True)
+class FileSplits:
+    """Text files already assigned to splits, under one name for messages.
+
+    ``files`` maps ``train`` (required), ``validation`` and ``test`` to lists of paths of one
+    supported kind. ``sentinel_core.defaults.resolve_data("demo")`` gives the embedded corpus
+    in this form.
+    """
+
+    label: str
+    files: dict[str, list[str]]
+
+
 def load_data(
-    spec: str,
+    spec: str | FileSplits,
     tokenizer: Any,
     *,
     block_size: int = 128,
@@ -129,7 +146,8 @@ def load_data(
     Args:
         spec: ``NAME`` or ``NAME:CONFIG`` on the Hugging Face Hub (e.g.
             ``wikitext:wikitext-2-raw-v1``), a local ``.txt``/``.json``/``.jsonl``/``.parquet``
-            file, a folder of files of one of those kinds, or ``demo``.
+            file, a folder of files of one of those kinds, or :class:`FileSplits`. The name
+            ``demo`` is resolved by :func:`sentinel_core.defaults.resolve_data`.
         tokenizer: a Hugging Face tokenizer. Text is encoded without added special tokens;
             documents are joined with the EOS token when the tokenizer has one.
         block_size: length of packed blocks (>= 2).
@@ -143,7 +161,7 @@ def load_data(
     Raises:
         SentinelError: for a missing, empty, too short or unsupported source or bad arguments.
     """
-    if not isinstance(spec, str) or not spec.strip():
+    if not isinstance(spec, FileSplits) and (not isinstance(spec, str) or not spec.strip()):
         raise SentinelError(f"data spec {spec!r} is empty; give a Hub dataset name, a local "
                             f"{_SUPPORTED_TEXT} file or folder, or 'demo'")
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
@@ -151,7 +169,6 @@ def load_data(
     if not (isinstance(validation_fraction, (int, float)) and 0.0 < validation_fraction < 1.0):
         raise SentinelError(f"validation_fraction={validation_fraction!r} must be between 0 and 1 "
                             "(exclusive), e.g. 0.1")
-    spec = spec.strip()
     source = _resolve(spec)
 
     from datasets.fingerprint import Hasher
@@ -189,14 +206,13 @@ class _Source:
         return self.data_files is None
 
 
-def _resolve(spec: str) -> _Source:
+def _resolve(spec: str | FileSplits) -> _Source:
+    if isinstance(spec, FileSplits):
+        return _resolve_file_splits(spec)
+    spec = spec.strip()
     if spec == "demo":
-        # Imported lazily: the embedded corpus is a separate module and only needed here.
-        from sentinel_core.demo import demo_corpus_files
-
-        files = {split: [os.fspath(p) for p in paths] for split, paths in demo_corpus_files().items()}
-        return _Source("demo", "text", None, files, ("demo", _file_stats(files)))
-
+        raise SentinelError("data spec 'demo' names the embedded corpus; resolve it first with "
+                            "sentinel_core.defaults.resolve_data('demo')")
     path = os.path.expanduser(spec)
     if os.path.isdir(path):
         return _resolve_folder(path)
@@ -210,6 +226,20 @@ def _resolve(spec: str) -> _Source:
         raise SentinelError(f"data spec {spec!r} is not NAME or NAME:CONFIG; e.g. "
                             "'wikitext:wikitext-2-raw-v1'")
     return _Source(spec, name, config or None, None, ("hub", name, config or None))
+
+
+def _resolve_file_splits(spec: FileSplits) -> _Source:
+    files = {split: [os.path.abspath(os.fspath(p)) for p in paths] for split, paths in spec.files.items() if paths}
+    if "train" not in files:
+        raise SentinelError(f"data {spec.label!r} has no training files; give FileSplits with a 'train' list")
+    kinds = {SUPPORTED_EXTENSIONS.get(os.path.splitext(p)[1].lower()) for paths in files.values() for p in paths}
+    if len(kinds) != 1 or None in kinds:
+        raise SentinelError(f"data {spec.label!r} mixes file kinds or has unsupported ones; use one of "
+                            f"{_SUPPORTED_TEXT}")
+    missing = [p for paths in files.values() for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise SentinelError(f"data {spec.label!r} lists {missing[0]!r}, which does not exist")
+    return _Source(spec.label, kinds.pop(), None, files, ("files", _file_stats(files)))
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -286,6 +316,9 @@ def _load(source: _Source, cache_dir: str | os.PathLike | None):
         try:
             return datasets.load_dataset(source.builder, data_files=source.data_files, **kwargs)
         except Exception as exc:  # datasets raises many types for unreadable files
+            decode = _cause(exc, UnicodeDecodeError)
+            if decode is not None:
+                raise SentinelError(_not_utf8(source, decode)) from exc
             raise SentinelError(f"could not read {source.label!r} as {source.builder}: "
                                 f"{_one_line(exc)}") from exc
     try:
@@ -296,6 +329,49 @@ def _load(source: _Source, cache_dir: str | os.PathLike | None):
             f"file or folder has that name; check the name and network, or use a local "
             f"{_SUPPORTED_TEXT} file or folder, or 'demo'"
         ) from exc
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of type ``kind`` in ``exc``'s chain of causes (datasets wraps them)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, kind):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _not_utf8(source: _Source, error: UnicodeDecodeError) -> str:
+    """Name the file and the first bad byte: text must be UTF-8 (datasets reads nothing else)."""
+    for path in (p for paths in (source.data_files or {}).values() for p in paths):
+        bad = _first_non_utf8_byte(path)
+        if bad is not None:
+            offset, byte = bad
+            return (f"data file {path!r} is not UTF-8 text (byte 0x{byte:02x} at offset {offset}); save it as "
+                    "UTF-8, e.g. iconv -f latin1 -t utf-8 in.txt > out.txt, or give a text file")
+    return f"data source {source.label!r} is not UTF-8 text ({error.reason}); save it as UTF-8"
+
+
+def _first_non_utf8_byte(path: str, chunk: int = 1 << 20) -> tuple[int, int] | None:
+    """``(offset, byte)`` of the first byte of ``path`` that is not valid UTF-8, or None."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    with open(path, "rb") as handle:
+        while True:
+            block = handle.read(chunk)
+            try:
+                decoder.decode(block, final=not block)
+            except UnicodeDecodeError as bad:
+                # The decoder's error positions count from the bytes it still held plus this block.
+                pending = len(bad.object) - len(block)
+                return offset - pending + bad.start, bad.object[bad.start]
+            if not block:
+                return None
+            offset += len(block)
 
 
 def _one_line(exc: BaseException, limit: int = 200) -> str:
@@ -511,6 +587,17 @@ def batches(
             yield {"input_ids": input_ids, "attention_mask": attention_mask, "labels": input_ids.clone()}
         else:
             yield collate([blocks[int(i)] for i in idx], pad_id)
+
+
+def calibration_batches(blocks: torch.Tensor, batch_size: int, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """The calibration data of scorers and growth: the first ``count`` batches of ``blocks``
+    (the training blocks) in an order shuffled by ``seed``."""
+    out = []
+    for batch in batches(blocks, batch_size, shuffle=True, seed=seed):
+        out.append(batch)
+        if len(out) >= count:
+            break
+    return out
 
 
 def loss_inputs(batch: dict[str, torch.Tensor], device: torch.device | str) -> tuple[torch.Tensor, ...] | None:

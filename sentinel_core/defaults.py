@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from typing import Any
 from urllib.parse import urlparse
 
 from .config import DEFAULT_HUB_DATA, DEFAULT_HUB_MODEL, ExperimentConfig
@@ -51,10 +52,10 @@ def _is_local(source: str) -> bool:
 
 
 def resolve_model_and_data(config: ExperimentConfig, *, announce: bool = True) -> tuple[str, str]:
-    """Return ``(model_source, data_source)`` for ``load_model`` and ``load_data``.
+    """Return ``(model_source, data_name)``: what ``load_model`` opens and the data to load.
 
     ``model_source`` is a hub name, a local directory, or the path of the cached demo model
-    (trained on first use).
+    (trained on first use); ``data_name`` goes through :func:`resolve_data` before ``load_data``.
     """
     model, data = config.model_name, config.data
     needs_hub = model is None or data is None
@@ -72,13 +73,29 @@ def resolve_model_and_data(config: ExperimentConfig, *, announce: bool = True) -
                       file=sys.stderr)
         else:
             data = DEFAULT_HUB_DATA
-    if model == DEMO:
+    if model == DEMO and announce and config.model_name == DEMO:
+        print("Using the embedded demo model (a small GPT-2 trained on Shakespeare).", file=sys.stderr)
+    return resolve_model(model, quiet=config.quiet), data
+
+
+def resolve_model(name: str, *, quiet: bool = False) -> str:
+    """``demo`` -> the folder of the embedded demo model (trained on first use); other names as given."""
+    if name == DEMO:
         from .demo import ensure_demo_model
 
-        if announce and config.model_name == DEMO:
-            print("Using the embedded demo model (a small GPT-2 trained on Shakespeare).", file=sys.stderr)
-        model = str(ensure_demo_model(quiet=config.quiet))
-    return model, data
+        return str(ensure_demo_model(quiet=quiet))
+    return name
+
+
+def resolve_data(spec: Any) -> Any:
+    """``demo`` -> the embedded corpus as :class:`sentinel_core.data.FileSplits`; other specs as given."""
+    if spec == DEMO:
+        from .data import FileSplits
+        from .demo import demo_corpus_files
+
+        files = {split: [os.fspath(p) for p in paths] for split, paths in demo_corpus_files().items()}
+        return FileSplits(DEMO, files)
+    return spec
 
 
 def is_demo_model(source: str) -> bool:

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sentinel_core.data import IGNORE_INDEX
 from sentinel_core.errors import SentinelError
 
 __all__ = ["EvalResult", "evaluate", "count_parameters", "sliding_windows"]
 
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)

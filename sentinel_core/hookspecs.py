@@ -1,10 +1,13 @@
 """Hook specifications: the contract between Sentinel's pipeline and its plugins.
 
-Strategy hooks (``score_heads``, ``prune``, ``fine_tune``, ``grow_heads``) take the chosen
-strategy's name first. The pipeline calls only the plugin that declared that name through
-``register_strategies``, so an implementation may serve several names and should return None
-for a name it does not own. Every argument is passed by keyword: an implementation names only
-the arguments it needs (pluggy matches them by name).
+Strategy hooks (``score_heads``, ``prune``, ``fine_tune``, ``grow_heads``) run one named
+strategy. A plugin declares its strategies with ``register_strategies``; a
+:class:`~sentinel_core.results.Strategy` that carries a ``function`` is run by calling that
+function with the hook's arguments (the preferred way: no name checks), and one without is
+run by calling the declaring plugin's implementation of the hook, which gets the strategy's
+name first and returns None for names it does not own. Either way only the declaring plugin
+is called. Every argument is passed by keyword: an implementation names only the arguments
+it needs (pluggy matches them by name).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from collections.abc import Sequence
     from pathlib import Path
 
+    import click
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -36,8 +40,10 @@ def register_strategies() -> Sequence[Strategy]:
     Called once when plugins load; the names appear in ``sentinel plugins`` and are what users
     pass to ``--scorer``, ``--prune-strategy``, ``--fine-tune`` and ``--growth-strategy``.
 
-    :return: a list of :class:`sentinel_core.results.Strategy`. Results of all plugins are
-        collected into one list (not firstresult); a name may be declared once per hook.
+    :return: a list of :class:`sentinel_core.results.Strategy`, each with its options and,
+        preferably, the function that runs it. Results of all plugins are collected into one
+        list (not firstresult). Two plugins declaring one name for one hook block the runs that
+        use that name (``sentinel plugins`` shows the clash).
     """
 
 
@@ -64,13 +70,14 @@ def score_heads(
     train/eval mode, no hooks left behind.
 
     :param strategy: the scorer's name, e.g. ``"entropy"``.
-    :param model: the causal LM to score, already on its device.
+    :param model: the causal LM to score, already on its device and in eval mode. A scorer that
+        needs train mode (dropout) sets it and restores eval mode before it returns.
     :param batches: calibration batches, dicts with ``input_ids``, ``attention_mask`` and
         ``labels`` (``-100`` on padding), on the CPU. Data-free scorers ignore them.
     :param config: the experiment's configuration (``seed``, ``options``, ...).
     :return: :class:`sentinel_core.results.HeadScores` with a ``[num_layers, width]`` tensor in
-        original head numbering, NaN for heads that are not alive, higher meaning more
-        important; or None when ``strategy`` is not this plugin's.
+        original head numbering, NaN for heads that are not active (removed or masked), higher
+        meaning more important; or None when ``strategy`` is not this plugin's.
 
     firstresult: the first non-None result is used.
     """
@@ -153,7 +160,22 @@ def on_metric(event: MetricEvent) -> Any:
         ``values`` and ``time``.
     :return: ignored.
 
-    Broadcast: every implementation is called (not firstresult). Keep it cheap and never raise.
+    Broadcast: every implementation is called (not firstresult). Keep it cheap. An
+    implementation that raises is reported once and not called again for the rest of the run;
+    a ``KeyboardInterrupt`` asks the run to stop (a fine-tuning stage stops after its step).
+    """
+
+
+@hookspec
+def register_commands(cli: click.Group) -> Any:
+    """Add subcommands to the ``sentinel`` command line.
+
+    :param cli: the ``sentinel`` click group; add commands with ``@cli.command()`` or
+        ``cli.add_command(...)``.
+    :return: ignored.
+
+    Broadcast: every implementation is called (not firstresult), once, when the command line
+    starts. A plugin that raises here is reported and its commands are missing; the rest work.
     """
 
 
@@ -162,8 +184,8 @@ def on_run_start(config: ExperimentConfig, run_dir: Path) -> Any:
     """A ``sentinel run`` begins, or resumes: its run folder exists and ``experiment.json`` is written.
 
     Called once per process, before the first stage, so an observer (an experiment tracker, a
-    notifier) can learn where the run lives and what it was asked to do. On a resumed run it is
-    called again, and ``run_dir / "state.json"`` then already exists.
+    notifier) can learn where the run lives and what it was asked to do. A resumed run calls it
+    again (its ``state.json`` then lists stages already finished).
 
     :param config: the run's :class:`sentinel_core.config.ExperimentConfig` as given (the one
         saved in ``experiment.json``). What actually ran, with test mode and the demo model's
@@ -171,8 +193,8 @@ def on_run_start(config: ExperimentConfig, run_dir: Path) -> Any:
     :param run_dir: the run folder (``config.output_dir``) as a :class:`pathlib.Path`.
     :return: ignored.
 
-    Broadcast: every implementation is called (not firstresult). An exception in one plugin is
-    reported in one line and the run goes on.
+    Broadcast: every implementation is called (not firstresult). One that raises is reported once,
+    in one line naming the plugin, and switched off for the rest of the run; the run goes on.
     """
 
 
@@ -188,6 +210,6 @@ def on_run_end(summary: dict[str, Any], run_dir: Path) -> Any:
     :param run_dir: the run folder as a :class:`pathlib.Path`.
     :return: ignored.
 
-    Broadcast: every implementation is called (not firstresult). An exception in one plugin is
-    reported in one line; the run is already finished and stays so.
+    Broadcast: every implementation is called (not firstresult). One that raises is reported in
+    one line naming the plugin; the run is already finished and stays so.
     """

@@ -1,18 +1,23 @@
-"""Metric events: every stage reports what it measured through the ``on_metric`` hook."""
+"""Metric events: every stage reports what it measured through the ``on_metric`` hook.
+
+Events are broadcast with :func:`sentinel_core.plugins.emit` (also ``sentinel_core.emit``).
+"""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from .fileio import json_ready
 
 
 @dataclass(frozen=True)
 class MetricEvent:
     """One measurement, or a group of measurements taken at the same moment.
 
-    :param stage: pipeline stage (``baseline``, ``score``, ``prune``, ``fine_tune``, ...).
+    :param stage: pipeline stage (``evaluate``, ``score``, ``prune``, ``fine_tune``, ``grow``,
+        ``sample``, ...); evaluations carry ``label`` ``baseline``, ``pruned`` or ``final``.
     :param step: optimizer step within the stage, or None for one-off values.
     :param values: JSON-able values, e.g. ``{"loss": 2.3, "perplexity": 9.9}``.
     :param time: wall-clock time of the event (``time.time()``).
@@ -27,28 +32,5 @@ class MetricEvent:
         """A flat JSON-able dict; non-finite floats become None so every line is valid JSON."""
         record: dict[str, Any] = {"stage": self.stage, "step": self.step, "time": self.time}
         for key, value in self.values.items():
-            record[key] = _finite_or_none(value)
+            record[key] = json_ready(value)
         return record
-
-
-def _finite_or_none(value: Any) -> Any:
-    """Tensors and arrays become lists; NaN and infinities become None, so every line is strict
-    JSON (readable by JavaScript's JSON.parse too)."""
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
-    return value
-
-
-def emit(stage: str, step: int | None = None, **values: Any) -> MetricEvent:
-    """Broadcast a metric event to every ``on_metric`` implementation and return it."""
-    from .plugins import pm  # imported late: plugins imports the built-in plugins, which emit
-
-    event = MetricEvent(stage=stage, step=step, values=values)
-    pm.hook.on_metric(event=event)
-    return event

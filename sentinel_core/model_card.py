@@ -5,7 +5,7 @@ A card opens with the YAML front matter the Hugging Face Hub reads (``library_na
 ``huggingface_hub.ModelCardData``. The head table, parameter counts and KV-cache size come from
 the model being saved; what only the caller knows (the base model, scorer, recipe, perplexities,
 task scores) comes from a ``facts`` dict, which :func:`facts_from_summary` builds from a run's
-``summary.json``. :func:`sentinel_core.checkpoint.save_model` writes the card inside the same
+``summary.json``. :func:`sentinel_core.model_io.save_model` writes the card inside the same
 atomic directory as the weights, so a folder never has weights without its card or the reverse.
 """
 
@@ -31,8 +31,11 @@ def hub_model_id(name: str | None) -> str | None:
     return name
 
 
-def facts_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
-    """The model-card facts of a finished run, from what its ``summary.json`` holds."""
+def facts_from_summary(summary: dict[str, Any], *, demo: bool = False) -> dict[str, Any]:
+    """The model-card facts of a finished run, from what its ``summary.json`` holds.
+
+    :param demo: the run pruned Sentinel's embedded demo model (its source is then a cache folder).
+    """
     config = summary.get("effective_config") or summary.get("config") or {}
     requested = summary.get("config") or {}
     base = requested.get("model_name")
@@ -42,6 +45,7 @@ def facts_from_summary(summary: dict[str, Any]) -> dict[str, Any]:
                   "steps": (summary.get("fine_tune_growth") or {}).get("steps")}
     return {
         "base_model": summary.get("model") if base is None else base,
+        "demo": demo,
         "data": summary.get("data"),
         "calibration_data": summary.get("data"),
         "scorer": config.get("scorer"),
@@ -84,7 +88,7 @@ def render_model_card(model: nn.Module, facts: dict[str, Any] | None = None, *, 
     rows = _head_rows(head_map)
     base = facts.get("base_model")
     hub_id = hub_model_id(base)
-    demo = _is_demo(base)
+    demo = base == "demo" or bool(facts.get("demo"))
     base_text = "Sentinel's embedded demo model (a small GPT-2 trained on Shakespeare)" if demo else (
         f"`{base}`" if base else "an unnamed base model")
     original = head_map.num_layers * head_map.original_num_heads
@@ -143,21 +147,13 @@ def write_model_card(directory: str | Path, model: nn.Module, facts: dict[str, A
 # -- pieces ----------------------------------------------------------------------------------------
 
 
-def _is_demo(base: str | None) -> bool:
-    if base == "demo":
-        return True
-    from .defaults import is_demo_model
-
-    return bool(base) and is_demo_model(str(base))
-
-
 def _head_rows(head_map: Any) -> list[dict[str, Any]]:
     h = head_map.original_num_heads
     rows = []
     for layer in range(head_map.num_layers):
-        alive = set(head_map.alive(layer))
+        present = set(head_map.present(layer))
         rows.append({"layer": layer, "original": h,
-                     "removed": [i for i in range(h) if i not in alive],
+                     "removed": [i for i in range(h) if i not in present],
                      "masked": head_map.masked(layer),
                      "grown": head_map.grown(layer),
                      "working": len(head_map.active(layer))})

@@ -12,19 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, hooks, run_hooks, run_measures
+from . import __version__, plugins, run_measures
 from .config import ExperimentConfig, resolve_device
 from .errors import SentinelError
 from .fileio import read_json, write_json_atomic
+from .folders import LOCK_FILES, check_no_overlap, check_run_folder
 from .kv_cache import kv_cache_bytes_per_token
-from .metrics import emit
-from .plugins import load_plugins, pm
+from .plugins import emit, pm
+from .run_files import FINAL_MODEL_DIR, RUN_CONFIG_FILE, RUN_STATE_FILE, RUN_SUMMARY_FILE, STAGE_CHECKPOINTS_DIR
+from .run_lock import RunLock
 from .tracking import ProgressTracker
-
-STATE_FILE = "state.json"
-CONFIG_FILE = "experiment.json"
-SUMMARY_FILE = "summary.json"
-SAMPLE_PROMPT = "The"
 
 # Stages that change the model end with a checkpoint in checkpoints/<stage>.
 _MODEL_STAGES = ("prune", "fine_tune", "grow", "fine_tune_growth")
@@ -33,33 +30,75 @@ _MODEL_STAGES = ("prune", "fine_tune", "grow", "fine_tune_growth")
 def run_experiment(config: ExperimentConfig) -> tuple[Any, Any, dict[str, Any]]:
     """Run the whole pipeline for ``config``; returns ``(model, tokenizer, summary)``.
 
-    Starting a run in an ``output_dir`` that already holds a run is refused, so results are
-    never overwritten by accident: resume an unfinished one, or pick another directory.
+    ``output_dir`` must be new or empty (see docs/output-folders.md): a folder holding a run is
+    refused, so results are never overwritten by accident (resume an unfinished one, or pick
+    another folder), and so is a folder holding anything else. The folder is locked while the
+    run uses it.
     """
+    plugins.check_run(config)  # strategy names and options: the cheapest mistakes, reported first
+    run_measures.check_run_extras(config)  # trackers installed, lm-eval tasks and their data loadable
     output_dir = Path(config.output_dir)
-    state_path = output_dir / STATE_FILE
-    if state_path.exists():
-        if read_json(state_path).get("finished"):
-            raise SentinelError(f"output_dir {str(output_dir)!r} already holds a finished run; "
-                                "choose another --output-dir or delete it")
-        raise SentinelError(
-            f"output_dir {str(output_dir)!r} holds an unfinished run; continue it with "
-            f"`sentinel run --resume {output_dir}` or choose another --output-dir"
-        )
-    return _Run(config, state={"completed": [], "results": {}, "finished": False}).execute()
+    if check_run_folder(output_dir):
+        _refuse_existing_run(output_dir)
+    check_no_overlap(output_dir, {"model": config.model_name, "data": config.data}, what="output_dir")
+    with RunLock(output_dir) as lock:
+        if check_run_folder(output_dir):  # another run started here while we looked
+            _refuse_existing_run(output_dir)
+        run = _Run(config, state={"completed": [], "results": {}, "finished": False})
+        try:
+            return run.execute()
+        except BaseException:
+            if not run.started:
+                _remove_empty_start(output_dir, created=lock.created_folder)
+            raise
 
 
-def resume_experiment(output_dir: str | Path) -> tuple[Any, Any, dict[str, Any]]:
-    """Continue the run saved in ``output_dir`` from its last finished stage."""
+def resume_experiment(output_dir: str | Path, **display: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """Continue the run saved in ``output_dir`` from its last finished stage.
+
+    ``display`` may change settings that only change what is shown (``quiet``, ...); the run
+    continues with the rest of the settings it was started with.
+    """
+    from .config import display_only_fields
+
+    changing = sorted(set(display) - display_only_fields())
+    if changing:
+        raise SentinelError(f"resume_experiment continues with the run's own settings; {changing[0]!r} cannot "
+                            f"change (only {', '.join(sorted(display_only_fields()))} can)")
     output_dir = Path(output_dir)
-    if not (output_dir / STATE_FILE).is_file() or not (output_dir / CONFIG_FILE).is_file():
-        raise SentinelError(f"{str(output_dir)!r} holds no Sentinel run to resume (no {STATE_FILE}); "
+    if not (output_dir / RUN_STATE_FILE).is_file() or not (output_dir / RUN_CONFIG_FILE).is_file():
+        raise SentinelError(f"{str(output_dir)!r} holds no Sentinel run to resume (no {RUN_STATE_FILE}); "
                             "pass the --output-dir of an earlier `sentinel run`")
-    config = ExperimentConfig.from_dict(read_json(output_dir / CONFIG_FILE))
-    state = read_json(output_dir / STATE_FILE)
-    if state.get("finished"):
-        raise SentinelError(f"the run in {str(output_dir)!r} already finished; see {SUMMARY_FILE}")
-    return _Run(config.replace(output_dir=str(output_dir)), state=state).execute()
+    with RunLock(output_dir):
+        config = ExperimentConfig.from_dict(read_json(output_dir / RUN_CONFIG_FILE))
+        state = read_json(output_dir / RUN_STATE_FILE)
+        if state.get("finished"):
+            raise SentinelError(f"the run in {str(output_dir)!r} already finished; see {RUN_SUMMARY_FILE}")
+        plugins.check_run(config)
+        config = config.replace(output_dir=str(output_dir), **display)
+        run_measures.check_run_extras(config)
+        return _Run(config, state=state).execute()
+
+
+def _refuse_existing_run(output_dir: Path) -> None:
+    if read_json(output_dir / RUN_STATE_FILE).get("finished"):
+        raise SentinelError(f"output_dir {str(output_dir)!r} already holds a finished run; "
+                            "choose another --output-dir or delete it")
+    raise SentinelError(
+        f"output_dir {str(output_dir)!r} holds an unfinished run; continue it with "
+        f"`sentinel run --resume {output_dir}` or choose another --output-dir"
+    )
+
+
+def _remove_empty_start(output_dir: Path, *, created: bool) -> None:
+    """After a run failed before writing anything: leave the folder as it was found."""
+    for name in LOCK_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+    if created:
+        try:
+            output_dir.rmdir()
+        except OSError:  # not empty after all: someone else's file arrived; leave it
+            pass
 
 
 def effective_config(config: ExperimentConfig) -> ExperimentConfig:
@@ -78,11 +117,15 @@ def effective_config(config: ExperimentConfig) -> ExperimentConfig:
 
 class _Run:
     def __init__(self, config: ExperimentConfig, state: dict[str, Any]):
-        self.config = effective_config(config)
+        # What runs: test mode applied, every strategy option checked and its default filled in.
+        self.config = plugins.check_run(effective_config(config))
         self.requested = config
         self.state = state
         self.output_dir = Path(config.output_dir)
         self.timings: dict[str, float] = dict(state.get("timings", {}))
+        # True once the run has written its first file (experiment.json): from then on the folder
+        # is a run folder that `--resume` can continue.
+        self.started = False
 
     # -- bookkeeping -------------------------------------------------------------------------
 
@@ -95,46 +138,38 @@ class _Run:
         self.timings[stage] = round(seconds, 3)
         self.state["timings"] = self.timings
         if stage in _MODEL_STAGES:
-            from .checkpoint import save_model
+            from .model_io import save_model
 
-            save_model(self.model, self.tokenizer, self.output_dir / "checkpoints" / stage)
+            save_model(self.model, self.tokenizer, self.output_dir / STAGE_CHECKPOINTS_DIR / stage)
             self.state["last_model_checkpoint"] = stage
-        write_json_atomic(self.output_dir / STATE_FILE, self.state)
+        write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
 
     # -- the pipeline ------------------------------------------------------------------------
 
     def execute(self) -> tuple[Any, Any, dict[str, Any]]:
-        load_plugins()
-        self._check_strategies()
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.output_dir / CONFIG_FILE, self.requested.to_dict())
+        import transformers
+
+        if self.config.quiet:
+            quiet_libraries()
+        transformers.set_seed(self.config.seed)
+        self.device = resolve_device(self.config.device)
+        # Model and data first: a bad path or an unreadable file is reported before the run
+        # writes anything, so it leaves no half-started run folder behind.
+        self._load()
+        write_json_atomic(self.output_dir / RUN_CONFIG_FILE, self.requested.to_dict())
+        write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
+        self.started = True
+        plugins.start_run()
         tracker = ProgressTracker(self.output_dir)
         pm.register(tracker)
         try:
-            run_hooks.run_started(self.requested, self.output_dir)
+            plugins.notify("on_run_start", config=self.requested, run_dir=self.output_dir)
             return self._stages()
         finally:
             pm.unregister(tracker)
             tracker.close()
 
-    def _check_strategies(self) -> None:
-        c = self.config
-        hooks.check_strategy("score_heads", c.scorer)
-        hooks.check_strategy("prune", c.prune_strategy)
-        hooks.check_strategy("fine_tune", c.fine_tune)
-        if c.growth_strategy:
-            hooks.check_strategy("grow_heads", c.growth_strategy)
-        run_measures.check_run_extras(c)
-
     def _stages(self) -> tuple[Any, Any, dict[str, Any]]:
-        import transformers
-
-        c = self.config
-        if c.quiet:
-            quiet_libraries()
-        transformers.set_seed(c.seed)
-        self.device = resolve_device(c.device)
-        self._load()
         c = self.config  # _load may have filled in the demo model's settings
         results = self.state["results"]
 
@@ -149,7 +184,7 @@ class _Run:
 
         if not self._done("score"):
             start = time.perf_counter()
-            scores = hooks.score_heads(c.scorer, model=self.model, batches=self._calibration_batches(), config=c)
+            scores = plugins.score_heads(c.scorer, model=self.model, batches=self._calibration_batches(), config=c)
             emit("score", strategy=c.scorer, scores=scores.scores, tokens_seen=scores.tokens_seen,
                  seconds=scores.seconds)
             self._finish("score", time.perf_counter() - start, scores=scores.to_dict())
@@ -157,16 +192,16 @@ class _Run:
         if not self._done("prune"):
             start = time.perf_counter()
             scores = _scores_from_dict(results["scores"])
-            pruned = hooks.prune(c.prune_strategy, model=self.model, scores=scores, config=c)
+            pruned = plugins.prune(c.prune_strategy, model=self.model, scores=scores, config=c)
             self.model.to(self.device)
-            emit("prune", heads_removed=pruned.count, mode=pruned.mode, heads_alive=self._heads_alive())
+            emit("prune", heads_removed=pruned.count, mode=pruned.mode, heads_active=self._heads_active())
             after = self._evaluate("pruned")
             self._finish("prune", time.perf_counter() - start, pruned=after,
                          removed={str(k): v for k, v in pruned.heads.items()}, prune_mode=pruned.mode)
 
         if not self._done("fine_tune"):
             start = time.perf_counter()
-            tuned = hooks.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
+            tuned = plugins.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
                                     config=c, stage="fine_tune")
             self._finish("fine_tune", time.perf_counter() - start, fine_tune={"steps": tuned.steps,
                                                                               "best_eval_loss": tuned.best_eval_loss})
@@ -174,14 +209,14 @@ class _Run:
         if c.growth_strategy and c.growth_percent > 0:
             if not self._done("grow"):
                 start = time.perf_counter()
-                grown = hooks.grow_heads(c.growth_strategy, model=self.model, data=self.data, config=c)
+                grown = plugins.grow_heads(c.growth_strategy, model=self.model, data=self.data, config=c)
                 self.model.to(self.device)
-                emit("grow", heads_grown=grown.count, heads_alive=self._heads_alive())
+                emit("grow", heads_grown=grown.count, heads_active=self._heads_active())
                 self._finish("grow", time.perf_counter() - start,
                              grown={str(k): v for k, v in grown.heads.items()})
             if not self._done("fine_tune_growth"):
                 start = time.perf_counter()
-                tuned = hooks.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
+                tuned = plugins.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
                                         config=c, stage="fine_tune_growth")
                 self._finish("fine_tune_growth", time.perf_counter() - start,
                              fine_tune_growth={"steps": tuned.steps, "best_eval_loss": tuned.best_eval_loss})
@@ -208,35 +243,31 @@ class _Run:
     # -- stages' parts -----------------------------------------------------------------------
 
     def _load(self) -> None:
-        from .checkpoint import load_model
         from .data import load_data
-        from .defaults import demo_run_config, is_demo_model, resolve_model_and_data
+        from .defaults import demo_run_config, is_demo_model, resolve_data, resolve_model_and_data
+        from .model_io import check_model_inputs, load_model
 
         checkpoint = self.state.get("last_model_checkpoint")
         model_source, data_source = resolve_model_and_data(self.config, announce=not checkpoint)
         if is_demo_model(model_source):
-            self.config = demo_run_config(self.config)
+            self.config = plugins.check_run(demo_run_config(self.config))
         c = self.config
         if checkpoint:
-            model_source = str(self.output_dir / "checkpoints" / checkpoint)
+            model_source = str(self.output_dir / STAGE_CHECKPOINTS_DIR / checkpoint)
         self.model, self.tokenizer = load_model(
             model_source, device=self.device, attn_implementation=c.attn_implementation,
             trust_remote_code=c.trust_remote_code,
         )
         self.model.eval()
-        self.data = load_data(data_source, self.tokenizer, block_size=c.block_size, seed=c.seed)
+        check_model_inputs(self.model, self.tokenizer, model_source, c.block_size)
+        self.data = load_data(resolve_data(data_source), self.tokenizer, block_size=c.block_size, seed=c.seed)
         self.state.setdefault("sources", {"model": model_source, "data": data_source})
 
     def _calibration_batches(self) -> list[dict[str, Any]]:
-        from .data import batches
+        from .data import calibration_batches
 
         c = self.config
-        out = []
-        for batch in batches(self.data.train.blocks, c.batch_size, shuffle=True, seed=c.seed):
-            out.append(batch)
-            if len(out) >= c.calibration_batches:
-                break
-        return out
+        return calibration_batches(self.data.train.blocks, c.batch_size, c.calibration_batches, c.seed)
 
     def _eval_ids(self):
         ids = self.data.validation.ids
@@ -252,19 +283,19 @@ class _Run:
                           batch_size=c.batch_size, device=self.device, progress=not c.quiet)
         values = {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
                   "tokens_per_second": result.tokens_per_second}
-        emit("evaluate", label=stage, heads_alive=self._heads_alive(), **values)
+        emit("evaluate", label=stage, heads_active=self._heads_active(), **values)
         return values
 
     def _sample(self, stage: str) -> str:
         from .generation import generate_text
 
-        prompt = str(self.config.options.get("sample_prompt", SAMPLE_PROMPT))
+        prompt = self.config.sample_prompt
         text = generate_text(self.model, self.tokenizer, prompt, max_new_tokens=20 if self.config.test_mode else 60,
                              seed=self.config.seed)
         emit("sample", label=stage, prompt=prompt, text=text)
         return text
 
-    def _heads_alive(self) -> list[int]:
+    def _heads_active(self) -> list[int]:
         from .surgery import get_head_map
 
         head_map = get_head_map(self.model)
@@ -274,8 +305,8 @@ class _Run:
         from .surgery import get_head_map
 
         head_map = get_head_map(self.model)
-        alive = self._heads_alive()
-        return {"per_layer": alive, "total": sum(alive),
+        active = self._heads_active()
+        return {"per_layer": active, "total": sum(active),
                 "grown": sum(len(head_map.grown(layer)) for layer in range(head_map.num_layers))}
 
     def _parameters(self) -> dict[str, int]:
@@ -327,11 +358,13 @@ class _Run:
         return head_map.num_layers * head_map.original_num_heads
 
     def _save(self, summary: dict[str, Any]) -> None:
-        from .checkpoint import save_model
+        from .defaults import is_demo_model
         from .model_card import facts_from_summary
+        from .model_io import save_model
 
-        save_model(self.model, self.tokenizer, self.output_dir / "model", card=facts_from_summary(summary))
-        write_json_atomic(self.output_dir / SUMMARY_FILE, summary)
+        card = facts_from_summary(summary, demo=is_demo_model(self.state["sources"]["model"]))
+        save_model(self.model, self.tokenizer, self.output_dir / FINAL_MODEL_DIR, card=card)
+        write_json_atomic(self.output_dir / RUN_SUMMARY_FILE, summary)
         try:
             from .plots import plot_run
         except ImportError:  # matplotlib is a dependency; this guards a broken backend only
@@ -339,8 +372,8 @@ class _Run:
         if plot_run is not None:
             plot_run(self.output_dir)
         self.state["finished"] = True
-        write_json_atomic(self.output_dir / STATE_FILE, self.state)
-        run_hooks.run_ended(summary, self.output_dir)
+        write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
+        plugins.notify("on_run_end", summary=summary, run_dir=self.output_dir)
 
 
 def quiet_libraries() -> None:

@@ -51,7 +51,7 @@ _DPI = 100
 # Head-map cell kinds, drawn as categorical colours.
 _EMPTY, _ALIVE, _REMOVED, _MASKED, _GROWN = range(5)
 _KIND_COLOURS = ("#ffffff", "#4c72b0", "#d9d9d9", "#f0a04b", "#55a868")
-_KIND_NAMES = ("no head", "alive (original)", "removed", "masked", "grown")
+_KIND_NAMES = ("no head", "active (original)", "removed", "masked", "grown")
 
 
 # -- public API ----------------------------------------------------------------------------------

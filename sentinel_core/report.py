@@ -83,6 +83,7 @@ def write_report(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
     """
     if not run_dirs:
         raise SentinelError("no run folders given; pass one or more --output-dir folders of finished runs")
+    _check_report_path(Path(path))
     dirs = [Path(d) for d in run_dirs]
     runs = [_Run(d, load_summary(d)) for d in dirs]
     names = _column_names(dirs)
@@ -101,6 +102,19 @@ def write_report(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
     write_text_atomic(out, page)
     os.chmod(out, 0o644)  # the atomic write's temp file is 0600; a report is meant to be shared
     return out
+
+
+GENERATOR = "Sentinel report"
+
+
+def _check_report_path(out: Path) -> None:
+    """Replace only a report that Sentinel wrote: never a user's file that happens to share the name."""
+    if out.is_dir():
+        raise SentinelError(f"report path {str(out)!r} is a folder; give an .html file name, e.g. report.html")
+    if out.exists():
+        head = out.read_bytes()[:4096].decode("utf-8", errors="replace")
+        if f'content="{GENERATOR}"' not in head:
+            raise SentinelError(f"{str(out)!r} exists and is not a report Sentinel wrote; give another --output")
 
 
 class _Run:
@@ -169,6 +183,7 @@ def _page(runs: list[_Run], comparison: str | None, cost: str | None = None) -> 
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f'<meta name="generator" content="{GENERATOR}">',
         f"<title>{e(title)}</title>",
         f"<style>{_CSS}</style>",
         "</head><body>",

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from .options import Option
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
 
 HOOK_KINDS = ("score_heads", "prune", "fine_tune", "grow_heads")
 
@@ -18,17 +22,31 @@ class Strategy:
     :param hook: which hook the strategy answers: one of ``HOOK_KINDS``.
     :param name: what users type (``--scorer entropy``); unique per hook.
     :param description: one line for ``sentinel plugins``.
+    :param options: the :class:`~sentinel_core.options.Option` objects the strategy reads from
+        ``config.options``; Sentinel checks them before a run starts, and lists them.
+    :param function: what Sentinel calls to run the strategy. It takes the hook's arguments by
+        name, any subset of them (``strategy``, ``model``, ``config``, ...), and returns the
+        hook's result. Without a function, Sentinel calls the plugin's implementation of the
+        hook itself, which then must return None for names it does not own.
     """
 
     hook: str
     name: str
     description: str = ""
+    options: tuple[Option, ...] = ()
+    function: Callable[..., Any] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.hook not in HOOK_KINDS:
             raise ValueError(f"Strategy hook {self.hook!r} is not one of {', '.join(HOOK_KINDS)}")
         if not self.name or self.name != self.name.strip():
             raise ValueError(f"Strategy name {self.name!r} must be a non-empty word")
+        object.__setattr__(self, "options", tuple(self.options))
+        names = [o.name for o in self.options]
+        if len(set(names)) != len(names) or not all(isinstance(o, Option) for o in self.options):
+            raise ValueError(f"Strategy {self.name!r} options must be distinct Option objects, got {names}")
+        if self.function is not None and not callable(self.function):
+            raise ValueError(f"Strategy {self.name!r} function must be callable, got {self.function!r}")
 
 
 @dataclass
@@ -36,7 +54,7 @@ class HeadScores:
     """Per-head importance: higher means more important.
 
     ``scores`` is a float tensor ``[num_layers, width]`` indexed by head id (original numbering;
-    grown heads after the originals); heads that are not alive are NaN.
+    grown heads after the originals); heads that are not active (removed or masked) are NaN.
     """
 
     scores: torch.Tensor

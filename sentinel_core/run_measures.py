@@ -13,7 +13,7 @@ from torch import nn
 
 from .config import ExperimentConfig
 from .errors import SentinelError
-from .metrics import emit
+from .plugins import emit
 
 # Blocks of the validation split that the speed comparison times, in batches of the run's
 # batch size: enough to average over several forward passes, few enough to stay a small part
@@ -59,7 +59,7 @@ def measure_speed(model: nn.Module, baseline_source: str, blocks: Any, config: E
     """
     if config.speed_repeats == 0:
         return None
-    from .checkpoint import load_model
+    from .model_io import load_model
     from .speed import compare_throughput
 
     try:

@@ -8,8 +8,7 @@ from typing import Any
 
 from .hookspecs import hookimpl
 from .metrics import MetricEvent
-
-METRICS_FILE = "metrics.jsonl"
+from .run_files import METRICS_FILE
 
 
 class ProgressTracker:

@@ -14,6 +14,13 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
+def _isolated_working_folder(tmp_path_factory, monkeypatch):
+    """Every test runs in an empty folder of its own: nothing a user (or the README's main job,
+    which writes ./sentinel_output) left in the working folder can change a result."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
+@pytest.fixture(autouse=True)
 def _isolated_caches(tmp_path_factory, monkeypatch):
     cache = tmp_path_factory.getbasetemp() / "sentinel-cache"
     monkeypatch.setenv("SENTINEL_CACHE_DIR", str(cache))

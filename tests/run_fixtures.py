@@ -18,8 +18,7 @@ import torch
 
 from sentinel_core.config import ExperimentConfig
 from sentinel_core.fileio import write_json_atomic
-from sentinel_core.metrics import emit
-from sentinel_core.plugins import pm
+from sentinel_core.plugins import emit, pm
 from sentinel_core.results import HeadScores
 from sentinel_core.tracking import ProgressTracker
 
@@ -100,14 +99,14 @@ def make_run(run_dir: Path, spec: RunSpec | None = None) -> dict[str, Any]:
             layer = sorted(removed)[i % len(removed)]
             grown.setdefault(layer, []).append(spec.heads + len(grown.get(layer, [])))
 
-    def alive(include_growth: bool) -> list[int]:
+    def active(include_growth: bool) -> list[int]:
         return [spec.heads - len(removed.get(layer, [])) + (len(grown.get(layer, [])) if include_growth else 0)
                 for layer in range(spec.layers)]
 
-    def evaluation(label: str, ppl: float, heads_alive: list[int]) -> dict[str, float]:
+    def evaluation(label: str, ppl: float, heads_active: list[int]) -> dict[str, float]:
         values = {"loss": math.log(ppl), "perplexity": ppl, "tokens": 1024,
                   "tokens_per_second": 5000.0 if label == "baseline" else 6100.0}
-        emit("evaluate", label=label, heads_alive=heads_alive, **values)
+        emit("evaluate", label=label, heads_active=heads_active, **values)
         return values
 
     def finish(stage: str, seconds: float, **stage_results: Any) -> bool:
@@ -139,8 +138,8 @@ def make_run(run_dir: Path, spec: RunSpec | None = None) -> dict[str, Any]:
             emit("score", strategy=strategy, scores=torch.tensor(matrix), tokens_seen=2048, seconds=0.3)
         if finish("score", 0.5, scores=record.to_dict()):
             return _result(state, None, removed, grown, scores)
-        emit("prune", heads_removed=sum(map(len, removed.values())), mode=spec.prune_mode, heads_alive=alive(False))
-        pruned = evaluation("pruned", spec.pruned_ppl, alive(False))
+        emit("prune", heads_removed=sum(map(len, removed.values())), mode=spec.prune_mode, heads_active=active(False))
+        pruned = evaluation("pruned", spec.pruned_ppl, active(False))
         if finish("prune", 0.7, pruned=pruned, removed={str(k): v for k, v in removed.items()},
                   prune_mode=spec.prune_mode):
             return _result(state, None, removed, grown, scores)
@@ -148,19 +147,19 @@ def make_run(run_dir: Path, spec: RunSpec | None = None) -> dict[str, Any]:
         if finish("fine_tune", 12.0, fine_tune={"steps": spec.fine_tune_steps, "best_eval_loss": 3.8}):
             return _result(state, None, removed, grown, scores)
         if grown:
-            emit("grow", heads_grown=n_grow, heads_alive=alive(True))
+            emit("grow", heads_grown=n_grow, heads_active=active(True))
             if finish("grow", 0.3, grown={str(k): v for k, v in grown.items()}):
                 return _result(state, None, removed, grown, scores)
             train("fine_tune_growth", spec.growth_steps, spec.fine_tune_steps)
             if finish("fine_tune_growth", 6.0,
                       fine_tune_growth={"steps": spec.growth_steps, "best_eval_loss": 3.75}):
                 return _result(state, None, removed, grown, scores)
-        final_alive = alive(True)
-        final = evaluation("final", spec.final_ppl, final_alive)
+        final_active = active(True)
+        final = evaluation("final", spec.final_ppl, final_active)
         emit("sample", label="final", prompt="The", text=spec.sample_after)
         finish("final", 1.4, final=final, sample_after=spec.sample_after,
                parameters_after={"total": spec.parameters_after, "attention": 30_000},
-               heads_final={"per_layer": final_alive, "total": sum(final_alive), "grown": n_grow})
+               heads_final={"per_layer": final_active, "total": sum(final_active), "grown": n_grow})
     finally:
         pm.unregister(tracker)
         tracker.close()
@@ -171,7 +170,7 @@ def make_run(run_dir: Path, spec: RunSpec | None = None) -> dict[str, Any]:
         "data": "demo",
         "perplexity": {"baseline": spec.baseline_ppl, "pruned": spec.pruned_ppl, "final": spec.final_ppl},
         "heads": {"original": total, "removed": sum(map(len, removed.values())), "grown": n_grow,
-                  "final": sum(final_alive), "per_layer_final": final_alive,
+                  "final": sum(final_active), "per_layer_final": final_active,
                   "removed_heads": results["removed"], "grown_heads": results.get("grown", {}),
                   "prune_mode": spec.prune_mode},
         "parameters": {"before": results["parameters_before"], "after": results["parameters_after"]},

@@ -11,8 +11,8 @@ import torch
 from surgery_fixtures import ATTN, inputs, logits, tiny_gpt2, tiny_llama, tiny_qwen2
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, ViTConfig, ViTModel
 
-from sentinel_core.checkpoint import WEIGHTS_NAME, load_model, save_model
 from sentinel_core.errors import SentinelError
+from sentinel_core.model_io import WEIGHTS_NAME, load_model, save_model
 from sentinel_core.surgery import get_head_map, grow_heads, mask_heads, prune_heads
 
 
@@ -117,12 +117,17 @@ def test_plain_hf_directory_and_tokenizer(tmp_path: Path) -> None:
     assert get_head_map(loaded).is_original()
     # and a loaded plain model can go through surgery and a Sentinel round trip
     prune_heads(loaded, {1: [0]})
-    save_model(loaded, tokenizer, tmp_path / "hf")  # overwrite in place, atomically
-    reloaded, tok2 = load_model(tmp_path / "hf")
+    before = sorted(os.listdir(tmp_path / "hf"))
+    # Never over the folder it came from: transformers wrote those files, not Sentinel.
+    with pytest.raises(SentinelError, match="already holds files Sentinel did not write"):
+        save_model(loaded, tokenizer, tmp_path / "hf")
+    assert sorted(os.listdir(tmp_path / "hf")) == before
+    save_model(loaded, tokenizer, tmp_path / "pruned")
+    save_model(loaded, tokenizer, tmp_path / "pruned")  # its own folder: replaced in place, atomically
+    reloaded, tok2 = load_model(tmp_path / "pruned")
     assert torch.equal(logits(reloaded, x), logits(loaded, x))
     assert tok2("the cat")["input_ids"] == [1, 2]
-    assert sorted(os.listdir(tmp_path)) == ["hf"]  # no temp or backup dirs left behind
-    assert not (tmp_path / "hf" / "model.safetensors").exists()
+    assert sorted(os.listdir(tmp_path)) == ["hf", "pruned"]  # no temp or backup dirs left behind
 
 
 def test_loading_errors_are_one_line_sentinel_errors(tmp_path: Path) -> None:
@@ -138,7 +143,7 @@ def test_loading_errors_are_one_line_sentinel_errors(tmp_path: Path) -> None:
         ("./no/such/model", "does not exist"),
         (tmp_path / "empty", "no config.json"),
         (tmp_path / "vit", "not a causal language model"),
-        (tmp_path / "file.txt", "does not exist"),
+        (tmp_path / "file.txt", "is a file; give the folder that holds config.json"),
     ]
     for path, pattern in cases:
         with pytest.raises(SentinelError, match=pattern) as info:

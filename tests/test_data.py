@@ -295,13 +295,15 @@ def test_hub_dataset_with_own_splits(tok, monkeypatch):
     assert tok.eos_token_id not in d.train.ids.tolist()
 
 
-def test_demo_hook_loads_the_demo_files(tok, tmp_path, monkeypatch):
+def test_demo_resolves_to_the_demo_files(tok, tmp_path, monkeypatch):
     train = write_txt(tmp_path / "demo_train.txt", numbered_lines(60, 0))
     val = write_txt(tmp_path / "demo_val.txt", numbered_lines(20, 1))
     fake = types.ModuleType("sentinel_core.demo")
     fake.demo_corpus_files = lambda: {"train": [str(train)], "validation": [str(val)]}
     monkeypatch.setitem(sys.modules, "sentinel_core.demo", fake)
-    d = load_data("demo", tok, block_size=16, cache_dir=tmp_path / "c")
+    from sentinel_core.defaults import resolve_data
+
+    d = load_data(resolve_data("demo"), tok, block_size=16, cache_dir=tmp_path / "c")
     assert d.source == "demo" and not d.validation_from_train
     assert decoded_lines(tok, d.validation.ids) == numbered_lines(20, 1)
 

@@ -221,7 +221,7 @@ def test_second_call_reuses_the_cached_model(built, monkeypatch):
 
 
 def test_tiny_demo_is_a_valid_checkpoint_that_learned(built):
-    from sentinel_core.checkpoint import load_model
+    from sentinel_core.model_io import load_model
 
     model, tokenizer = load_model(built["path"])
     assert (model.config.n_layer, model.config.n_head, model.config.n_embd) == (2, 4, 64)

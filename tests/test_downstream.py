@@ -100,7 +100,7 @@ def test_task_options_need_tasks_and_bad_names_are_refused():
 
 
 def test_cli_evaluate_tasks_prints_a_table_and_writes_json(tiny_assets, task_dir, tokenizer):
-    from sentinel_core.checkpoint import load_model
+    from sentinel_core.model_io import load_model
 
     out = tiny_assets["tmp"] / "tasks.json"
     runner = CliRunner()

@@ -15,9 +15,9 @@ import torch
 from surgery_fixtures import inputs, logits, tiny_gpt2, tiny_llama
 from training_fixtures import make_data, make_model
 
-from sentinel_core.checkpoint import load_model, save_model
 from sentinel_core.config import ExperimentConfig
 from sentinel_core.evaluation import evaluate
+from sentinel_core.model_io import load_model, save_model
 from sentinel_core.strategies.gradient_scorer import gradient_scores
 from sentinel_core.surgery import get_head_map, grow_heads, mask_heads, prune_heads
 from sentinel_core.training import causal_lm_loss, train

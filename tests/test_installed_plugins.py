@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# Each declares its strategies with the functions that run them (no strategy hooks of its own).
 PLUGINS = {
-    "sentinel-entropy": ["register_strategies", "score_heads"],
-    "sentinel-magnitude": ["register_strategies", "score_heads"],
-    "sentinel-adaptive": ["fine_tune", "register_strategies"],
-    "sentinel-growth": ["grow_heads", "register_strategies"],
+    "sentinel-entropy": ["register_strategies"],
+    "sentinel-magnitude": ["register_strategies"],
+    "sentinel-adaptive": ["register_strategies"],
+    "sentinel-growth": ["register_strategies"],
 }
 
 

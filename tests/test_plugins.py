@@ -15,7 +15,7 @@ import pluggy
 import pytest
 import torch
 
-from sentinel_core import HeadScores, SentinelError, Strategy, hookimpl, hooks, plugins
+from sentinel_core import HeadScores, SentinelError, Strategy, hookimpl, plugins
 from sentinel_core.plugins import pm
 
 
@@ -46,17 +46,17 @@ def test_class_plugin_strategy_is_dispatched_by_name():
     plugin = ConstantScorer()
     pm.register(plugin, name="constant-scorer")
     try:
-        assert hooks.available_strategies("score_heads")["constant"] == "constant-scorer"
-        result = hooks.score_heads("constant", model=None, batches=[], config=None)
+        assert plugins.available_strategies("score_heads")["constant"] == "constant-scorer"
+        result = plugins.score_heads("constant", model=None, batches=[], config=None)
         assert torch.equal(result.scores, torch.ones(2, 4))
     finally:
         pm.unregister(plugin)
-    assert "constant" not in hooks.available_strategies("score_heads")
+    assert "constant" not in plugins.available_strategies("score_heads")
 
 
 def test_unknown_strategy_lists_the_available_names():
     with pytest.raises(SentinelError) as info:
-        hooks.check_strategy("score_heads", "entropyy")
+        plugins.check_strategy("score_heads", "entropyy")
     message = str(info.value)
     assert message.startswith("unknown scorer 'entropyy'; available: ")
     assert "random" in message and "gradient" in message
@@ -68,7 +68,7 @@ def test_two_plugins_declaring_one_name_is_an_error():
     pm.register(second, name="second")
     try:
         with pytest.raises(SentinelError, match="'constant' is declared by both"):
-            hooks.check_strategy("score_heads", "constant")
+            plugins.check_strategy("score_heads", "constant")
     finally:
         pm.unregister(first)
         pm.unregister(second)
@@ -87,8 +87,8 @@ def test_a_plugin_returning_the_wrong_type_is_caught():
     plugin = Broken()
     pm.register(plugin, name="broken")
     try:
-        with pytest.raises(TypeError, match="returned list, expected HeadScores"):
-            hooks.score_heads("broken", model=None, batches=[], config=None)
+        with pytest.raises(plugins.PluginError, match="returned list, expected HeadScores"):
+            plugins.score_heads("broken", model=None, batches=[], config=None)
     finally:
         pm.unregister(plugin)
 
@@ -170,7 +170,7 @@ def test_entry_points_load_and_failures_are_reported(fresh_load, capsys):
     assert "ImportError: this plugin is broken on purpose" in described["sentinel-epbroken"].error
     assert "score_head" in described["sentinel-epmisspelled"].error
     assert "plugin sentinel-epbroken 0.0.1 failed to load" in capsys.readouterr().err
-    assert hooks.available_strategies("score_heads")["ep-good"] == "sentinel-epgood"
+    assert plugins.available_strategies("score_heads")["ep-good"] == "sentinel-epgood"
     listed = {p["name"]: p for p in plugins.list_plugins()}
     assert listed["sentinel-epgood"]["version"] == "1.2.3"
     assert listed["sentinel-epgood"]["strategies"][0]["name"] == "ep-good"

@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 from test_training import Recorder, recording
 from training_fixtures import make_data, make_model, state_equal
 
-from sentinel_core.checkpointing import list_step_checkpoints
 from sentinel_core.config import ExperimentConfig
 from sentinel_core.hookspecs import hookimpl
 from sentinel_core.training import TrainingDivergedError, cosine_schedule, step_checkpoint_dir, train
+from sentinel_core.training.checkpoints import list_step_checkpoints
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -122,7 +122,7 @@ def test_sigterm_stops_gracefully_and_says_how_to_resume(tmp_path, data, uninter
     with recording(stopper), pytest.raises(KeyboardInterrupt):
         train(dropout_model(), data, config(out), stage=STAGE)
     assert signal.getsignal(signal.SIGTERM) is old_handler
-    assert f"Interrupted: resume with  sentinel run --resume {out}" in capsys.readouterr().err
+    assert f"Interrupted: resume with `sentinel run --resume {out}`" in capsys.readouterr().err
     assert max(stopper.losses) == 7
     resume_and_compare(out, data, uninterrupted, stopper.losses, stopper.evals, resumed_from=7)
 
@@ -350,7 +350,7 @@ def test_pipeline_run_interrupted_in_fine_tuning_resumes_to_the_same_model(tiny_
     with recording(stopper), pytest.raises(KeyboardInterrupt):
         run_experiment(run_config("cut"))
     out = tiny_assets["tmp"] / "cut"
-    assert f"Interrupted: resume with  sentinel run --resume {out}" in capsys.readouterr().err
+    assert f"Interrupted: resume with `sentinel run --resume {out}`" in capsys.readouterr().err
     with recording(Recorder()) as rec:
         _, _, summary = resume_experiment(out)
     assert [e.step for e in rec.steps()] == [4, 5, 6]

@@ -6,7 +6,7 @@ import pytest
 from click.testing import CliRunner
 
 import sentinel_core.cli.commands  # noqa: F401  (registers the subcommands)
-from sentinel_core import hookimpl, report_to, run_hooks
+from sentinel_core import hookimpl, plugins, report_to
 from sentinel_core.cli import cli
 from sentinel_core.config import ExperimentConfig
 from sentinel_core.errors import SentinelError
@@ -51,12 +51,13 @@ def test_every_observer_runs_even_when_one_raises(registered, tmp_path, capsys):
     first = registered(Recorder(), "first")
     registered(Broken(), "broken")
     last = registered(Recorder(), "last")
-    run_hooks.run_started(ExperimentConfig(scorer="random"), str(tmp_path))
-    run_hooks.run_ended({"perplexity": {"final": 2.0}}, tmp_path)
+    plugins.start_run()
+    plugins.notify("on_run_start", config=ExperimentConfig(scorer="random"), run_dir=tmp_path)
+    plugins.notify("on_run_end", summary={"perplexity": {"final": 2.0}}, run_dir=tmp_path)
     for recorder in (first, last):
         assert recorder.calls == [("start", "random", tmp_path), ("end", {"final": 2.0}, tmp_path)]
     assert capsys.readouterr().err.splitlines() == [
-        "Warning: plugin broken failed in on_run_start (ValueError: bad); the run goes on without it"]
+        "Warning: plugin broken failed in on_run_start and is switched off for the rest of this run: ValueError: bad"]
 
 
 def test_report_to_names_are_validated():

@@ -13,9 +13,9 @@ from data_fixtures import make_tokenizer, sample_lines, tiny_gpt2
 from task_fixtures import TASK, expected_accuracy, mc_documents, write_mc_task
 
 import sentinel_core.cli.commands  # noqa: F401  (registers the subcommands)
-from sentinel_core.checkpoint import load_model
 from sentinel_core.cli import cli
 from sentinel_core.kv_cache import kv_cache_bytes_per_token
+from sentinel_core.model_io import load_model
 from sentinel_core.surgery import get_head_map
 
 HAVE_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
@@ -75,7 +75,7 @@ def test_the_cards_head_table_is_the_saved_models_head_map(finished_run):
     rows = table(body, "| layer |")
     assert len(rows) == head_map.num_layers
     for layer, row in enumerate(rows):
-        gone = sorted(set(range(head_map.original_num_heads)) - set(head_map.alive(layer)))
+        gone = sorted(set(range(head_map.original_num_heads)) - set(head_map.present(layer)))
         assert gone == sorted(removed.get(layer, []))
         assert row[:6] == [str(layer), "4", str(len(gone)), "0", "0", str(len(head_map.active(layer)))]
         assert row[6] == (", ".join(map(str, gone)) or "–")

@@ -124,13 +124,14 @@ def test_random_is_reproducible_by_seed_and_marks_heads_not_active():
     mask_heads(model, {1: [0]})
 
     def scores(seed):
-        return random_scorer.score_heads(strategy="random", model=model, config=ExperimentConfig(seed=seed)).scores
+        return random_scorer.random_scores(model=model, config=ExperimentConfig(seed=seed)).scores
 
     a, b, c = scores(1), scores(1), scores(2)
     assert torch.equal(a.nan_to_num(-1), b.nan_to_num(-1))
     assert not torch.equal(a.nan_to_num(-1), c.nan_to_num(-1))
     assert torch.isnan(a[0, 1]) and torch.isnan(a[1, 0]) and int(torch.isnan(a).sum()) == 2
-    assert random_scorer.score_heads(strategy="entropy", model=model, config=ExperimentConfig()) is None
+    (declared,) = random_scorer.register_strategies()
+    assert (declared.name, declared.function) == ("random", random_scorer.random_scores)
 
 
 # ---------------------------------------------------------------- the commands
@@ -145,8 +146,8 @@ def invoke(*args):
 
 
 def test_score_json_equals_the_scorer_on_the_same_batches(tiny_assets):
-    from sentinel_core.checkpoint import load_model
     from sentinel_core.data import batches, load_data
+    from sentinel_core.model_io import load_model
 
     result = invoke("score", "--model", tiny_assets["model"], "--data", tiny_assets["data"], "--scorer", "gradient",
                     "--batch-size", "2", "--calibration-batches", "2", "--block-size", "16", "--seed", "5", "--json")
@@ -176,7 +177,7 @@ def test_score_table_shows_removed_heads_as_dashes(tiny_assets):
 
 @pytest.mark.parametrize(("mode", "export"), [("remove", "compact"), ("mask", "compact"), ("remove", "dense")])
 def test_prune_removes_the_heads_selection_picks_and_saves(tiny_assets, mode, export):
-    from sentinel_core.checkpoint import load_model
+    from sentinel_core.model_io import load_model
 
     out = tiny_assets["tmp"] / f"out-{mode}-{export}"
     result = invoke("prune", "--model", tiny_assets["model"], "--scorer", "random", "--pruning-percent", "0.5",
@@ -187,7 +188,7 @@ def test_prune_removes_the_heads_selection_picks_and_saves(tiny_assets, mode, ex
     assert len(summary) == 1 and "4 heads" in summary[0] and "8 -> 4 of 8" in summary[0], result.output
 
     original, _ = load_model(tiny_assets["model"])
-    random_scores = random_scorer.score_heads(strategy="random", model=original, config=ExperimentConfig(seed=11))
+    random_scores = random_scorer.random_scores(model=original, config=ExperimentConfig(seed=11))
     expected = select_heads(random_scores.scores, get_head_map(original), 0.5, scope="per-layer", normalize=False)
     assert sum(len(v) for v in expected.values()) == 4
 

@@ -9,10 +9,10 @@ import torch
 from data_fixtures import tiny_gpt2
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from sentinel_core import plugins
 from sentinel_core.config import ExperimentConfig
 from sentinel_core.errors import SentinelError
 from sentinel_core.results import HeadScores
-from sentinel_core.strategies import selection
 from sentinel_core.strategies.selection import heads_to_remove, resolve_normalize, select_heads
 from sentinel_core.surgery import get_head_map
 from sentinel_core.surgery.headmap import HeadMap
@@ -121,11 +121,11 @@ def test_gqa_selection_is_a_valid_removal():
                          intermediate_size=64, vocab_size=100, bos_token_id=0, eos_token_id=0, pad_token_id=0)
     model = LlamaForCausalLM(config).eval()
     scores = HeadScores(torch.tensor([[0.1, 0.9, 0.2, 0.8], [0.3, 0.4, 0.5, 0.6]]), strategy="test")
-    result = selection.prune(strategy="global", model=model, scores=scores,
-                             config=ExperimentConfig(pruning_percent=0.375, options={"normalize_scores": False}))
+    result = plugins.prune("global", model=model, scores=scores,
+                           config=ExperimentConfig(pruning_percent=0.375, options={"normalize_scores": "false"}))
     assert result.heads == {0: [0, 2], 1: [0]}
     hm = get_head_map(model)
-    assert hm.alive(0) == [1, 3] and hm.alive(1) == [1, 2, 3]
+    assert hm.present(0) == [1, 3] and hm.present(1) == [1, 2, 3]
     assert model(input_ids=torch.tensor([[1, 2, 3]])).logits.isfinite().all()
 
 
@@ -134,20 +134,21 @@ def test_the_prune_hook_applies_the_selection_and_is_idempotent(mode):
     model = tiny_gpt2(100)
     scores = HeadScores(torch.tensor([[0.1, 0.9, 0.2, 0.8], [0.3, 0.4, 0.5, 0.6]]), strategy="test")
     config = ExperimentConfig(pruning_percent=0.5, prune_mode=mode, options={"normalize_scores": "false"})
-    assert selection.prune(strategy="magnitude", model=model, scores=scores, config=config) is None
-    result = selection.prune(strategy="global", model=model, scores=scores, config=config)
+    with pytest.raises(SentinelError, match="unknown prune strategy 'magnitude'"):
+        plugins.prune("magnitude", model=model, scores=scores, config=config)
+    result = plugins.prune("global", model=model, scores=scores, config=config)
     assert (result.heads, result.mode, result.strategy, result.count) == ({0: [0, 2], 1: [0, 1]}, mode, "global", 4)
     hm = get_head_map(model)
     assert hm.active(0) == [1, 3] and hm.active(1) == [2, 3]
     if mode == "mask":
-        assert hm.masked(0) == [0, 2] and hm.alive(0) == [0, 1, 2, 3]
+        assert hm.masked(0) == [0, 2] and hm.present(0) == [0, 1, 2, 3]
     else:
-        assert hm.alive(0) == [1, 3]
+        assert hm.present(0) == [1, 3]
     # Pruning again to the same fraction takes nothing more away.
     later = scores.scores.clone()
     for layer, heads in result.heads.items():
         later[layer, heads] = NAN
-    again = selection.prune(strategy="per-layer", model=model, scores=HeadScores(later, strategy="test"), config=config)
+    again = plugins.prune("per-layer", model=model, scores=HeadScores(later, strategy="test"), config=config)
     assert again.count == 0
 
 
@@ -156,7 +157,7 @@ def test_an_unreachable_target_prunes_what_it_may_and_warns():
     scores = HeadScores(torch.rand(2, 4, generator=torch.Generator().manual_seed(0)), strategy="test")
     config = ExperimentConfig(pruning_percent=0.9, min_heads_per_layer=3)
     with pytest.warns(UserWarning, match="allows only 2"):
-        result = selection.prune(strategy="global", model=model, scores=scores, config=config)
+        result = plugins.prune("global", model=model, scores=scores, config=config)
     assert result.count == 2
-    assert all(len(get_head_map(model).alive(layer)) == 3 for layer in range(2))
+    assert all(len(get_head_map(model).present(layer)) == 3 for layer in range(2))
     assert not any(math.isnan(v) for v in scores.scores.flatten().tolist())

@@ -41,7 +41,7 @@ def test_mask_matches_zeroed_weights_and_is_reversible(attn: str) -> None:
     masked = logits(model, x)
     assert (masked - before).abs().max() > 1e-3  # masking changed something
     torch.testing.assert_close(masked, reference, atol=1e-5, rtol=0)
-    assert hm.masked(0) == [1, 3] and hm.masked(1) == [2] and hm.alive(0) == [0, 1, 2, 3]
+    assert hm.masked(0) == [1, 3] and hm.masked(1) == [2] and hm.present(0) == [0, 1, 2, 3]
     assert hm.active(0) == [0, 2]
     unmask_heads(model)
     assert torch.equal(logits(model, x), before)
@@ -102,7 +102,7 @@ def test_pruning_a_masked_head_is_fine() -> None:
     mask_heads(model, {0: [1, 2]})
     expected = logits(model, x)
     hm = prune_heads(model, {0: [1]})
-    assert hm.masked(0) == [2] and hm.alive(0) == [0, 2, 3]
+    assert hm.masked(0) == [2] and hm.present(0) == [0, 2, 3]
     torch.testing.assert_close(logits(model, x), expected, atol=1e-5, rtol=0)
 
 

@@ -56,7 +56,7 @@ def test_gqa_kv_head_goes_only_with_its_whole_group(attn: str) -> None:
     model, hm = assert_prune_matches_mask(tiny_llama, {0: [1]}, attn)
     assert hm.layers[0] == [0, None, 2, 3] and hm.group_sizes[0] == 2
     assert kv_heads(model, 0) == 2 and q_slots(model, 0) == 4
-    assert hm.kv_groups(0) == [[0, None], [2, 3]] and hm.alive(0) == [0, 2, 3]
+    assert hm.kv_groups(0) == [[0, None], [2, 3]] and hm.present(0) == [0, 2, 3]
 
     model, hm = assert_prune_matches_mask(tiny_llama, {0: [0, 1], 1: [3]}, attn)
     assert hm.layers[0] == [2, 3] and kv_heads(model, 0) == 1  # whole group 0 gone -> kv 0 gone

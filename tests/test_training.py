@@ -303,4 +303,4 @@ def test_finished_stage_leaves_only_a_final_record(tmp_path):
     train(make_model(), make_data(16), cfg, stage="fine_tune")
     folder = step_checkpoint_dir(cfg.output_dir, "fine_tune")
     assert sorted(p.name for p in folder.iterdir()) == ["final"]
-    assert sorted(p.name for p in (folder / "final").iterdir()) == ["model.safetensors", "state.json"]
+    assert sorted(p.name for p in (folder / "final").iterdir()) == ["model.safetensors", "trainer_state.json"]

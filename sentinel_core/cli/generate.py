@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from . import cli
-from .options import device_option, model_option, resolve_model, seed_option, trust_option
+from .options import device_option, load_checked, model_option, seed_option, trust_option
 
 
 @cli.command("generate")
@@ -22,12 +22,11 @@ from .options import device_option, model_option, resolve_model, seed_option, tr
 def generate_command(model: str, prompt: tuple[str, ...], max_new_tokens: int, temperature: float, top_k: int,
                      top_p: float, greedy: bool, seed: int, device: str, trust_remote_code: bool) -> None:
     """Continue PROMPT; with no PROMPT, read prompts interactively and stream the answers."""
-    from ..checkpoint import load_model
     from ..config import resolve_device
     from ..generation import generate_text, stream_text
 
     device = resolve_device(device)
-    loaded, tokenizer = load_model(resolve_model(model), device=device, trust_remote_code=trust_remote_code)
+    loaded, tokenizer = load_checked(model, device=device, trust_remote_code=trust_remote_code)
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     seed=seed, do_sample=not greedy)
     if prompt:

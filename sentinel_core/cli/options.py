@@ -9,14 +9,26 @@ model_option = click.option("--model", "model", required=True,
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 trust_option = click.option("--trust-remote-code", is_flag=True,
                             help="Allow the model's own Python code from the Hub to run (off by default).")
+option_assignments = click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
+                                  help="A strategy option (repeatable; see `sentinel run --help-strategy NAME`).")
 seed_option = click.option("--seed", type=int, default=42, show_default=True,
                            help="Random seed (also picks the validation split of a single-file dataset).")
 
 
+def load_checked(model: str, *, device: str, trust_remote_code: bool, block_size: int | None = None,
+                 attn_implementation: str | None = None):
+    """Load ``model`` (``demo`` included) for a command, with the checks every command makes
+    first (finite weights, a tokenizer, ``block_size`` within the model's positions)."""
+    from ..model_io import check_model_inputs, load_model
+
+    loaded, tokenizer = load_model(resolve_model(model), device=device, trust_remote_code=trust_remote_code,
+                                   attn_implementation=attn_implementation)
+    check_model_inputs(loaded, tokenizer, model, block_size)
+    return loaded, tokenizer
+
+
 def resolve_model(model: str) -> str:
     """``demo`` names the embedded demo model; anything else is passed to ``load_model``."""
-    if model == "demo":
-        from ..demo import ensure_demo_model
+    from ..defaults import resolve_model as resolve
 
-        return str(ensure_demo_model())
-    return model
+    return resolve(model)

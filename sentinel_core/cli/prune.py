@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from . import cli
-from .options import device_option, model_option, seed_option, trust_option
+from .options import device_option, model_option, option_assignments, seed_option, trust_option
 from .score import batch_size_option, block_size_option, calibration_option, data_option, load_for_scoring
 
 
@@ -15,14 +15,13 @@ from .score import batch_size_option, block_size_option, calibration_option, dat
 @click.option("--scorer", default="entropy", show_default=True, help="Head-importance strategy (see `sentinel plugins`).")
 @click.option("--pruning-percent", type=float, required=True,
               help="Fraction of the original heads that should be gone afterwards, in [0, 1).")
-@click.option("--output-dir", type=click.Path(file_okay=False), required=True, help="Where the pruned model goes.")
+@click.option("--output-dir", required=True,
+              help="A new or empty folder for the pruned model (or one that Sentinel saved a model into before).")
 @click.option("--prune-strategy", default="global", show_default=True, help="Selection policy: global or per-layer.")
 @click.option("--prune-mode", type=click.Choice(["remove", "mask"]), default="remove", show_default=True,
               help="Remove heads physically, or gate them off.")
-@click.option("--min-heads-per-layer", type=int, default=1, show_default=True)
-@click.option("--normalize-scores", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True,
-              help="Divide each layer's scores by their L2 norm before ranking (auto: unless the scorer's "
-                   "scores are comparable across layers).")
+@click.option("--min-heads-per-layer", type=click.IntRange(min=0), default=1, show_default=True)
+@option_assignments
 @click.option("--export", type=click.Choice(["compact", "dense"]), default="compact", show_default=True,
               help="compact: a Sentinel checkpoint; dense: a plain transformers checkpoint in the original "
                    "shapes with pruned heads zeroed.")
@@ -33,34 +32,34 @@ from .score import batch_size_option, block_size_option, calibration_option, dat
 @device_option
 @trust_option
 def prune_command(model: str, data: str | None, scorer: str, pruning_percent: float, output_dir: str,
-                  prune_strategy: str, prune_mode: str, min_heads_per_layer: int, normalize_scores: str,
+                  prune_strategy: str, prune_mode: str, min_heads_per_layer: int, options: tuple[str, ...],
                   export: str, seed: int, batch_size: int, calibration_batches: int, block_size: int, device: str,
                   trust_remote_code: bool) -> None:
     """Score the heads of MODEL, take away the least important ones and save the result to --output-dir."""
-    from .. import hooks
-    from ..checkpoint import save_model
+    from .. import plugins
     from ..config import ExperimentConfig
     from ..evaluation import count_parameters
+    from ..folders import check_model_folder, check_no_overlap
     from ..kv_cache import kv_cache_bytes_per_token
-    from ..plugins import load_plugins
+    from ..model_io import save_model
     from ..surgery import get_head_map
 
     config = ExperimentConfig(model_name=model, data=data, scorer=scorer, pruning_percent=pruning_percent,
                               prune_strategy=prune_strategy, prune_mode=prune_mode,
                               min_heads_per_layer=min_heads_per_layer, seed=seed, batch_size=batch_size,
                               calibration_batches=calibration_batches, block_size=block_size, device=device,
-                              output_dir=output_dir, trust_remote_code=trust_remote_code,
-                              options={"normalize_scores": normalize_scores})
-    load_plugins()
-    hooks.check_strategy("score_heads", scorer)
-    hooks.check_strategy("prune", prune_strategy)
+                              output_dir=output_dir, trust_remote_code=trust_remote_code)
+    config = plugins.check_run(config.replace(options=plugins.parse_cli_options(config, options)))
+    # The folder is checked before the model loads, and again when the model is written.
+    check_model_folder(output_dir, what="--output-dir")
+    check_no_overlap(output_dir, {"model": model, "data": data}, what="--output-dir")
     loaded, tokenizer, calibration = load_for_scoring(config)
     before = get_head_map(loaded)
     card = {"base_model": model, "calibration_data": data, "scorer": scorer,
             "prune_strategy": prune_strategy, "pruning_percent": pruning_percent, "prune_mode": prune_mode,
             "parameters_before": count_parameters(loaded), "kv_bytes_per_token_before": kv_cache_bytes_per_token(loaded)}
-    scores = hooks.score_heads(scorer, model=loaded, batches=calibration, config=config)
-    result = hooks.prune(prune_strategy, model=loaded, scores=scores, config=config)
+    scores = plugins.score_heads(scorer, model=loaded, batches=calibration, config=config)
+    result = plugins.prune(prune_strategy, model=loaded, scores=scores, config=config)
     after = get_head_map(loaded)
     save_model(loaded, tokenizer, output_dir, dense=export == "dense", card=card)
     original = before.num_layers * before.original_num_heads

@@ -1,58 +1,79 @@
-"""``sentinel run``: the whole pipeline, from flags and/or a TOML config file."""
+"""``sentinel run``: the whole pipeline, from flags and/or a TOML config file.
+
+Every ExperimentConfig field is a flag here, derived from the field's declaration
+(:mod:`sentinel_core.config`): its name, type, choices, default and help. Strategy options are
+``-o KEY=VALUE``.
+"""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 import click
 
+from ..config import ExperimentConfig, default_text, display_only_fields, field_info, field_kind, flag_name
 from . import cli
 
-# flag name -> ExperimentConfig field, for flags whose names differ from the field.
-_FIELD_FOR_FLAG = {"model": "model_name"}
+
+def _field_option(name: str):
+    """A click option for one config field; it defaults to None, meaning "not given"."""
+    info = field_info(name)
+    kind, _ = field_kind(name)
+    help_text = f"{info.metadata['help']}  [default: {default_text(name)}]"
+    flag = flag_name(name)
+    if name == "options":
+        return click.option("-o", flag, "options", multiple=True, metavar="KEY=VALUE", help=help_text)
+    if kind is bool:
+        return click.option(f"{flag}/--no-{flag[2:]}", name, default=None, help=help_text)
+    if info.metadata["choices"]:
+        return click.option(flag, name, type=click.Choice(info.metadata["choices"]), default=None, help=help_text)
+    return click.option(flag, name, type={int: click.INT, float: click.FLOAT, str: click.STRING}[kind],
+                        default=None, help=help_text)
+
+
+def _config_options(command):
+    for f in reversed(fields(ExperimentConfig)):
+        command = _field_option(f.name)(command)
+    return command
+
+
+def _show_strategy(ctx: click.Context, _param: click.Parameter, name: str | None) -> None:
+    if name is None or ctx.resilient_parsing:
+        return
+    from ..plugins import describe_strategy
+
+    click.echo(describe_strategy(name))
+    ctx.exit()
 
 
 @cli.command("run")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file; flags override it.")
-@click.option("--model", help="Hub name or local directory of a causal LM, or 'demo'.")
-@click.option("--data", help="Hub dataset NAME[:CONFIG], a local file or folder, or 'demo'.")
-@click.option("--pruning-percent", type=float, help="Fraction of the original heads to remove, in [0, 1).")
-@click.option("--num-epochs", type=int, help="Fine-tuning epochs.")
-@click.option("--batch-size", type=int)
-@click.option("--learning-rate", type=float)
-@click.option("--device", help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--output-dir", help="Where the model, metrics, plots and summary go.")
-@click.option("--scorer", help="Head-importance strategy (see `sentinel plugins`).")
-@click.option("--prune-strategy", help="Selection policy: global or per-layer.")
-@click.option("--prune-mode", type=click.Choice(["remove", "mask"]), help="Remove heads physically, or mask them.")
-@click.option("--fine-tune", "fine_tune", help="Fine-tuning strategy (plain, adaptive, ...).")
-@click.option("--growth-strategy", help="Where to grow heads back (see `sentinel plugins`).")
-@click.option("--growth-percent", type=float, help="Heads to grow back, as a fraction of the original count.")
-@click.option("--max-steps", type=int, help="Cap on optimizer steps per fine-tuning stage.")
-@click.option("--block-size", type=int, help="Tokens per training block.")
-@click.option("--seed", type=int)
-@click.option("--test-mode", is_flag=True, default=None, help="A few steps on a little data: a smoke test.")
-@click.option("--quiet", is_flag=True, default=None, help="No progress bars (metrics are still logged).")
-@click.option("--report-to", help="Experiment trackers: a comma list of tensorboard, mlflow, wandb, or none.")
-@click.option("--tasks", help="lm-eval tasks to score the baseline and final model on, e.g. hellaswag,piqa.")
-@click.option("--tasks-include-path", type=click.Path(file_okay=False), help="Folder of local lm-eval task YAMLs.")
-@click.option("--tasks-num-fewshot", type=int, help="Few-shot examples per task (default: the task's own).")
-@click.option("--tasks-limit", type=int, help="Score only the first N documents of each task.")
-@click.option("--speed-repeats", type=int, help="Interleaved timing repeats of baseline against final (0: skip).")
-@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue an interrupted run in DIR.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False),
+              help="Continue an interrupted run in DIR (with its own settings; only display flags may be given).")
+@click.option("--help-strategy", metavar="NAME", expose_value=False, is_eager=True, callback=_show_strategy,
+              help="Describe strategy NAME and its options, then exit.")
+@_config_options
 def run_command(config_file: str | None, resume_dir: str | None, **flags: Any) -> None:
     """Score, prune, fine-tune (and optionally grow) a model, then evaluate and save it."""
-    from ..config import ExperimentConfig
     from ..pipeline import resume_experiment, run_experiment
+    from ..plugins import parse_cli_options
 
-    overrides = {_FIELD_FOR_FLAG.get(k, k): v for k, v in flags.items() if v is not None}
+    given = {name: value for name, value in flags.items() if value is not None and value != ()}
     if resume_dir is not None:
-        if config_file or overrides:
-            raise click.UsageError("--resume takes the settings saved in DIR; drop the other flags")
-        _, _, summary = resume_experiment(resume_dir)
+        changing = sorted(set(given) - display_only_fields())
+        if config_file or changing:
+            shown = [flag_name(name) for name in changing] + (["--config"] if config_file else [])
+            raise click.UsageError(f"--resume continues with the settings saved in DIR; drop {', '.join(shown)} "
+                                   f"(only {', '.join(sorted(flag_name(n) for n in display_only_fields()))} may "
+                                   "change)")
+        _, _, summary = resume_experiment(resume_dir, **given)
     else:
-        config = (ExperimentConfig.from_toml(config_file, **overrides) if config_file
-                  else ExperimentConfig.from_dict(overrides))
+        pairs = given.pop("options", ())
+        config = (ExperimentConfig.from_toml(config_file, **given) if config_file
+                  else ExperimentConfig.from_dict(given))
+        if pairs:  # typed by the options' declarations, which depend on the strategies chosen
+            config = config.replace(options={**config.options, **parse_cli_options(config, pairs)})
         _, _, summary = run_experiment(config)
     _print_summary(summary)
 

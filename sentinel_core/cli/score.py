@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from ..fileio import dumps_strict
 from . import cli
-from .options import device_option, model_option, resolve_model, seed_option, trust_option
+from .options import device_option, load_checked, model_option, option_assignments, seed_option, trust_option
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import ExperimentConfig
@@ -18,10 +18,10 @@ if TYPE_CHECKING:  # pragma: no cover
 data_option = click.option("--data", default=None,
                            help="Calibration text: Hub dataset NAME[:CONFIG], local file/folder, or 'demo'. "
                                 "Data-free scorers (magnitude, random) do without.")
-batch_size_option = click.option("--batch-size", type=int, default=8, show_default=True)
-calibration_option = click.option("--calibration-batches", type=int, default=8, show_default=True,
+batch_size_option = click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+calibration_option = click.option("--calibration-batches", type=click.IntRange(min=1), default=8, show_default=True,
                                   help="Batches of training text the scorer sees.")
-block_size_option = click.option("--block-size", type=int, default=128, show_default=True)
+block_size_option = click.option("--block-size", type=click.IntRange(min=2), default=128, show_default=True)
 
 
 def load_for_scoring(config: ExperimentConfig) -> tuple[Any, Any, list[dict[str, Any]]]:
@@ -30,27 +30,21 @@ def load_for_scoring(config: ExperimentConfig) -> tuple[Any, Any, list[dict[str,
     The batches are the first ``calibration_batches`` of the shuffled training blocks (seeded),
     as ``sentinel run`` takes them. Without ``config.data`` the list is empty.
     """
-    from ..checkpoint import load_model
     from ..config import resolve_device
 
     device = resolve_device(config.device)
-    model, tokenizer = load_model(resolve_model(config.model_name), device=device,
-                                  attn_implementation=config.attn_implementation,
-                                  trust_remote_code=config.trust_remote_code)
+    model, tokenizer = load_checked(config.model_name, device=device, trust_remote_code=config.trust_remote_code,
+                                    block_size=config.block_size if config.data is not None else None,
+                                    attn_implementation=config.attn_implementation)
     model.eval()
     calibration: list[dict[str, Any]] = []
     if config.data is not None:
-        from ..data import batches, load_data
+        from ..data import calibration_batches, load_data
+        from ..defaults import resolve_data
 
-        if tokenizer is None:
-            from ..errors import SentinelError
-
-            raise SentinelError(f"model {config.model_name!r} has no tokenizer files; save one with the model")
-        data = load_data(config.data, tokenizer, block_size=config.block_size, seed=config.seed)
-        for batch in batches(data.train.blocks, config.batch_size, shuffle=True, seed=config.seed):
-            calibration.append(batch)
-            if len(calibration) >= config.calibration_batches:
-                break
+        data = load_data(resolve_data(config.data), tokenizer, block_size=config.block_size, seed=config.seed)
+        calibration = calibration_batches(data.train.blocks, config.batch_size, config.calibration_batches,
+                                          config.seed)
     return model, tokenizer, calibration
 
 
@@ -77,23 +71,23 @@ def score_table(scores: HeadScores) -> str:
 @block_size_option
 @device_option
 @trust_option
+@option_assignments
 @click.option("--json", "as_json", is_flag=True, help="Print HeadScores as JSON (NaN as null).")
 def score_command(model: str, data: str | None, scorer: str, seed: int, batch_size: int, calibration_batches: int,
-                  block_size: int, device: str, trust_remote_code: bool, as_json: bool) -> None:
+                  block_size: int, device: str, trust_remote_code: bool, options: tuple[str, ...],
+                  as_json: bool) -> None:
     """Score every attention head of MODEL (higher = more important) and print the matrix."""
-    from .. import hooks
+    from .. import plugins
     from ..config import ExperimentConfig
-    from ..plugins import load_plugins
 
     config = ExperimentConfig(model_name=model, data=data, scorer=scorer, seed=seed, batch_size=batch_size,
                               calibration_batches=calibration_batches, block_size=block_size, device=device,
                               trust_remote_code=trust_remote_code)
-    load_plugins()
-    hooks.check_strategy("score_heads", scorer)
+    config = plugins.check_run(config.replace(options=plugins.parse_cli_options(config, options)))
     loaded, _, calibration = load_for_scoring(config)
-    result = hooks.score_heads(scorer, model=loaded, batches=calibration, config=config)
+    result = plugins.score_heads(scorer, model=loaded, batches=calibration, config=config)
     if as_json:
-        click.echo(json.dumps(result.to_dict(), indent=2))
+        click.echo(dumps_strict(result.to_dict(), indent=2))
         return
     click.echo(f"{scorer} scores (higher = more important; '-' = not active), "
                f"{result.tokens_seen} tokens, {result.seconds:.2f} s")

@@ -34,6 +34,8 @@ SPEC_ENV = "SENTINEL_DEMO_SPEC"
 EOS = "<|endoftext|>"
 INFO_FILE = "demo.json"
 STAGE = "demo_pretrain"  # names the training metrics and step checkpoints
+RESUME_HINT = ("Interrupted: the demo model's training is saved at step {step}; run the same command again to "
+               "continue it from there")
 # Bump when the build recipe changes in a way the spec does not show (tokenizer training,
 # model init, text joining), so cached models built the old way are not reused.
 BUILD_FORMAT = 1
@@ -179,10 +181,7 @@ def ensure_demo_model(quiet: bool = False, *, spec: DemoSpec | str | None = None
             _make_readable(tmp / "model")
             os.replace(tmp / "model", target)
         except KeyboardInterrupt:
-            if not quiet:
-                print("Demo model training interrupted; the next run continues from its last checkpoint.",
-                      file=sys.stderr)
-            raise
+            raise  # the training loop said how to continue; its checkpoints stay in workdir
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -333,8 +332,8 @@ def _build(spec: DemoSpec, out: Path, workdir: Path, *, quiet: bool,
     import transformers
 
     from .. import training
-    from ..checkpoint import save_model
     from ..fileio import write_json_atomic
+    from ..model_io import save_model
 
     started = time.perf_counter()
     corpus = prepare_corpus(spec, cache_dir)
@@ -342,7 +341,7 @@ def _build(spec: DemoSpec, out: Path, workdir: Path, *, quiet: bool,
     model = _new_model(spec, corpus.tokenizer)
     config = pretrain_config(spec, corpus.data, workdir, quiet=quiet)
     train_started, cpu_started = time.perf_counter(), time.process_time()
-    result = training.train(model, corpus.data, config, stage=STAGE)
+    result = training.train(model, corpus.data, config, stage=STAGE, resume_hint=RESUME_HINT)
     train_seconds, train_cpu = time.perf_counter() - train_started, time.process_time() - cpu_started
 
     model.eval()

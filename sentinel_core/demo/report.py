@@ -17,8 +17,8 @@ def measure_demo_model(model_dir: str | os.PathLike, *, cache_dir: str | os.Path
     Both are scored on exactly the same test tokens (the model's tokenizer, non-overlapping windows
     of the spec's block size); the unigram counts come from the training split.
     """
-    from ..checkpoint import load_model
     from ..evaluation import count_parameters, evaluate
+    from ..model_io import load_model
     from .corpus import demo_corpus_files
 
     info = read_build_info(model_dir)

@@ -32,19 +32,12 @@ from ..surgery import gate_tensors, get_head_map
 from ..training import causal_lm_loss
 
 NAME = "gradient"
-IGNORE_INDEX = -100
 
 
 @hookimpl
 def register_strategies():
-    return [Strategy("score_heads", NAME, "mean |d loss / d head gate| over batches (Michel et al., 2019)")]
-
-
-@hookimpl
-def score_heads(strategy, model, batches):
-    if strategy != NAME:
-        return None
-    return gradient_scores(model, batches)
+    return [Strategy("score_heads", NAME, "mean |d loss / d head gate| over batches (Michel et al., 2019)",
+                     function=gradient_scores)]
 
 
 def gradient_scores(model: nn.Module, batches: Sequence[dict[str, torch.Tensor]]) -> HeadScores:

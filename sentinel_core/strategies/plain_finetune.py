@@ -5,21 +5,22 @@ from __future__ import annotations
 import dataclasses
 
 from ..hookspecs import hookimpl
-from ..results import Strategy
+from ..results import FineTuneResult, Strategy
 
 NAME = "plain"
 
 
 @hookimpl
 def register_strategies():
-    return [Strategy("fine_tune", NAME, "AdamW, warm-up then cosine decay, one learning rate for all parameters")]
+    from ..training import TRAINING_OPTIONS
+
+    return [Strategy("fine_tune", NAME, "AdamW, warm-up then cosine decay, one learning rate for all parameters",
+                     options=TRAINING_OPTIONS, function=plain_fine_tune)]
 
 
-@hookimpl
-def fine_tune(strategy, model, data, config, stage):
-    if strategy != NAME:
-        return None
-    from ..training import train  # imported here so that listing plugins does not import accelerate
+def plain_fine_tune(model, data, config, stage) -> FineTuneResult:
+    """Train every parameter with :func:`sentinel_core.training.train`."""
+    from ..training import train
 
     result = train(model, data, config, stage=stage)
     return dataclasses.replace(result, strategy=NAME)

@@ -15,13 +15,11 @@ NAME = "random"
 
 @hookimpl
 def register_strategies():
-    return [Strategy("score_heads", NAME, "seeded uniform random scores: the baseline to beat")]
+    return [Strategy("score_heads", NAME, "seeded uniform random scores: the baseline to beat", function=random_scores)]
 
 
-@hookimpl
-def score_heads(strategy, model, config):
-    if strategy != NAME:
-        return None
+def random_scores(model, config) -> HeadScores:
+    """Uniform draws from a generator seeded by ``config.seed``; NaN for heads not active."""
     start = time.perf_counter()
     head_map = get_head_map(model)
     # A private generator: the same seed gives the same scores whatever else drew from torch's RNG.

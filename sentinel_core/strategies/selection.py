@@ -39,7 +39,8 @@ import torch
 
 from ..errors import SentinelError
 from ..hookspecs import hookimpl
-from ..metrics import emit
+from ..options import Option
+from ..plugins import emit
 from ..results import HeadScores, PruneResult, Strategy
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -48,26 +49,29 @@ if TYPE_CHECKING:  # pragma: no cover
 GLOBAL = "global"
 PER_LAYER = "per-layer"
 SCOPES = (GLOBAL, PER_LAYER)
-NORMALIZE_OPTION = "normalize_scores"
 COMPARABLE_KEY = "cross_layer_comparable"
+NORMALIZE = Option("normalize_scores", str, "auto",
+                   "divide each layer's scores by their L2 norm before ranking (auto: unless the scorer says its "
+                   "scores are comparable across layers)", choices=("auto", "true", "false"))
+NORMALIZE_OPTION = NORMALIZE.name
 
 
 @hookimpl
 def register_strategies():
     return [
-        Strategy("prune", GLOBAL, "remove the lowest-scoring heads across all layers (default)"),
-        Strategy("prune", PER_LAYER, "remove the same share of heads in every layer, lowest scores first"),
+        Strategy("prune", GLOBAL, "remove the lowest-scoring heads across all layers (default)",
+                 options=(NORMALIZE,), function=prune_by_scope),
+        Strategy("prune", PER_LAYER, "remove the same share of heads in every layer, lowest scores first",
+                 options=(NORMALIZE,), function=prune_by_scope),
     ]
 
 
-@hookimpl
-def prune(strategy, model, scores, config):
-    if strategy not in SCOPES:
-        return None
+def prune_by_scope(strategy, model, scores, config) -> PruneResult:
+    """The ``prune`` hook's work for ``global`` and ``per-layer``: select, then remove or mask."""
     from ..surgery import get_head_map, mask_heads, prune_heads
 
     head_map = get_head_map(model)
-    normalize = resolve_normalize(config.options.get(NORMALIZE_OPTION, "auto"), scores.extra)
+    normalize = resolve_normalize(NORMALIZE.value(config), scores.extra)
     needed = heads_to_remove(head_map, config.pruning_percent)
     selected = select_heads(scores.scores, head_map, config.pruning_percent, scope=strategy,
                             min_heads_per_layer=config.min_heads_per_layer, normalize=normalize)

@@ -27,18 +27,22 @@ from sentinel_core.surgery.ops import (
     prune_heads,
     unmask_heads,
 )
+from sentinel_core.surgery.slices import HeadSlice, head_slices, head_weights
 
 __all__ = [
     "CONFIG_KEY",
     "HeadAdapter",
     "HeadMap",
     "HeadParam",
+    "HeadSlice",
     "apply_head_map",
     "dense_state_dict",
     "gate_tensors",
     "get_adapter",
     "get_head_map",
     "grow_heads",
+    "head_slices",
+    "head_weights",
     "is_headless",
     "mask_heads",
     "prune_heads",

@@ -55,18 +55,18 @@ class HeadMap:
         """Width of per-layer score tensors: every id ever issued fits (at least H)."""
         return max([self.original_num_heads] + list(self.next_ids))
 
-    def alive(self, layer: int) -> list[int]:
+    def present(self, layer: int) -> list[int]:
         """Ids physically present in ``layer`` (masked ones included), sorted."""
         return sorted(i for i in self.layers[layer] if i is not None)
 
     def active(self, layer: int) -> list[int]:
         """Ids present in ``layer`` and not masked, sorted: the heads that contribute."""
         masked = set(self.masked_ids[layer])
-        return [i for i in self.alive(layer) if i not in masked]
+        return [i for i in self.present(layer) if i not in masked]
 
     def grown(self, layer: int) -> list[int]:
-        """Present ids of ``layer`` that were added by growth (id >= original_num_heads)."""
-        return [i for i in self.alive(layer) if i >= self.original_num_heads]
+        """Present ids of ``layer`` (masked ones included) that were added by growth (id >= original_num_heads)."""
+        return [i for i in self.present(layer) if i >= self.original_num_heads]
 
     def masked(self, layer: int) -> list[int]:
         """Present ids of ``layer`` whose gate is 0, sorted."""
@@ -74,7 +74,7 @@ class HeadMap:
 
     def removed(self, layer: int) -> list[int]:
         """Ids issued for ``layer`` (original or grown) that are no longer present."""
-        present = set(self.alive(layer))
+        present = set(self.present(layer))
         return [i for i in range(self.next_ids[layer]) if i not in present]
 
     def num_slots(self, layer: int) -> int:

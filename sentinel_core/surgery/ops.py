@@ -87,7 +87,7 @@ def _selection(heads: object, num_layers: int, what: str) -> dict[int, list[int]
 
 
 def _check_present(hm: HeadMap, layer: int, ids: list[int], what: str) -> None:
-    alive = set(hm.alive(layer))
+    alive = set(hm.present(layer))
     for i in ids:
         if i not in alive:
             state = "was removed" if 0 <= i < hm.next_ids[layer] else "never existed"

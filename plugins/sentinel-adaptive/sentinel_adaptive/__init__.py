@@ -19,14 +19,17 @@ NAME = "adaptive"
 
 @hookimpl
 def register_strategies():
-    return [Strategy("fine_tune", NAME, "faster learning rates for the layers and heads pruning or growth touched")]
+    from sentinel_core.training import TRAINING_OPTIONS
+
+    from .plan import OPTIONS
+
+    return [Strategy("fine_tune", NAME, "faster learning rates for the layers and heads pruning or growth touched",
+                     options=(*TRAINING_OPTIONS, *OPTIONS), function=adaptive_fine_tune)]
 
 
-@hookimpl
-def fine_tune(strategy, model, data, config, stage):
-    if strategy != NAME:
-        return None
-    from sentinel_core.metrics import emit
+def adaptive_fine_tune(model, data, config, stage):
+    """Train with :func:`sentinel_core.training.train`, boosting what surgery touched (see plan.py)."""
+    from sentinel_core.plugins import emit
     from sentinel_core.training import train
 
     from .plan import AdaptivePlan

@@ -35,10 +35,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from sentinel_core.errors import SentinelError
+from sentinel_core.options import Option
 
 SCOPES = ("layer", "attention")
-DEFAULTS = {"adaptive_boost": 3.0, "adaptive_growth_boost": 5.0, "adaptive_ramp": None, "adaptive_scope": "layer"}
+BOOST = Option("adaptive_boost", float, 3.0, "peak learning-rate factor of the layers surgery touched (1 = no boost)",
+               minimum=0.0, min_exclusive=True)
+GROWTH_BOOST = Option("adaptive_growth_boost", float, 5.0, "peak learning-rate factor of grown heads",
+                      minimum=0.0, min_exclusive=True)
+RAMP = Option("adaptive_ramp", float, None, "fraction of the steps over which the boosts rise (unset: warmup_fraction)",
+              minimum=0.0, maximum=1.0, max_exclusive=True, optional=True)
+SCOPE = Option("adaptive_scope", str, "layer", "boost whole decoder layers, or only their attention", choices=SCOPES)
+OPTIONS = (BOOST, GROWTH_BOOST, RAMP, SCOPE)
 
 
 @dataclass(frozen=True)
@@ -52,21 +59,9 @@ class AdaptiveOptions:
 
     @classmethod
     def from_config(cls, config: Any) -> AdaptiveOptions:
-        opts = {**DEFAULTS, **{k: v for k, v in config.options.items() if k in DEFAULTS}}
-        for key in ("adaptive_boost", "adaptive_growth_boost"):
-            value = opts[key]
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
-                raise SentinelError(f"options.{key} must be a positive number (1 = no boost), got {value!r}")
-        ramp = opts["adaptive_ramp"]
-        if ramp is None:
-            ramp = config.warmup_fraction
-        if isinstance(ramp, bool) or not isinstance(ramp, (int, float)) or not 0 <= ramp < 1:
-            raise SentinelError(f"options.adaptive_ramp must be a fraction of the steps in [0, 1), got {ramp!r}")
-        scope = opts["adaptive_scope"]
-        if scope not in SCOPES:
-            raise SentinelError(f"options.adaptive_scope must be one of {', '.join(SCOPES)}, got {scope!r}")
-        return cls(boost=float(opts["adaptive_boost"]), growth_boost=float(opts["adaptive_growth_boost"]),
-                   ramp=float(ramp), scope=scope)
+        ramp = RAMP.value(config)
+        return cls(boost=BOOST.value(config), growth_boost=GROWTH_BOOST.value(config),
+                   ramp=config.warmup_fraction if ramp is None else ramp, scope=SCOPE.value(config))
 
 
 def boost_factor(step: int, total_steps: int, peak: float, ramp_steps: int) -> float:
@@ -118,7 +113,7 @@ class AdaptivePlan:
         touched_layers, grown, params, blocks = [], {}, [], []
         seen: set[int] = set()
         for layer, attn in enumerate(attns):
-            if head_map.alive(layer) == original and not head_map.masked(layer):
+            if head_map.present(layer) == original and not head_map.masked(layer):
                 continue
             touched_layers.append(layer)
             owner = attn if options.scope == "attention" else parents.get(id(attn), attn)
@@ -130,7 +125,7 @@ class AdaptivePlan:
             new = [i for i in head_map.grown(layer) if i not in masked]
             if new:
                 grown[layer] = new
-                blocks.extend(_grown_blocks(adapter, attn, head_map, layer, new))
+                blocks.extend(_grown_blocks(model, head_map, layer, new))
         return cls(options, touched_layers, grown, params, blocks)
 
     # -- what train() gets -------------------------------------------------------------------
@@ -215,37 +210,29 @@ class AdaptivePlan:
                 "grown_head_entries": int(sum(b.view().numel() for b in self.blocks))}
 
 
-def _grown_blocks(adapter: Any, attn: nn.Module, head_map: Any, layer: int, ids: list[int]) -> list[HeadBlock]:
-    """The per-head blocks of the grown heads ``ids`` in every per-head tensor of ``attn``.
+def _grown_blocks(model: nn.Module, head_map: Any, layer: int, ids: list[int]) -> list[HeadBlock]:
+    """The per-head blocks of the grown heads ``ids`` of ``layer`` (``sentinel_core.surgery.head_slices``).
 
     Key/value blocks count only when every query head reading them is grown (a grown group under
     grouped-query attention); a key/value head shared with original heads keeps the touched rate.
     """
-    hd = adapter.head_dim(attn)
+    from sentinel_core.surgery import head_slices
+
     slots = head_map.layers[layer]
     group = head_map.group_sizes[layer]
-    n_q, n_kv = len(slots), head_map.num_kv_slots(layer)
-    q_slots = [slots.index(i) for i in ids]
     original = head_map.original_num_heads
-    kv_slots = sorted({s // group for s in q_slots
-                       if all(i is None or i >= original for i in slots[(s // group) * group:(s // group + 1) * group])})
-    out = []
-    for spec in adapter.head_params(attn):
-        module = attn
-        *parents, name = spec.path.split(".")
-        for p in parents:
-            module = getattr(module, p)
-        param = getattr(module, name, None)
-        if not isinstance(param, nn.Parameter):
-            continue
-        dim = spec.dim % param.dim()
-        widths = [(n_kv if seg in ("k", "v") else n_q) * hd for seg in spec.segments]
-        if sum(widths) != param.shape[dim]:
-            raise RuntimeError(f"{spec.path} of layer {layer} has {param.shape[dim]} entries along dim {dim}, "
-                               f"expected {sum(widths)} from the head map")
-        offset = 0
-        for seg, width in zip(spec.segments, widths, strict=True):
-            for s in (kv_slots if seg in ("k", "v") else q_slots):
-                out.append(HeadBlock(param, dim, offset + s * hd, hd, f"layer {layer} {spec.path} {seg}{s}"))
-            offset += width
+    out: list[HeadBlock] = []
+    seen: set[tuple[int, int, int]] = set()
+    for head in ids:
+        slot = slots.index(head)
+        first = (slot // group) * group
+        whole_group_grown = all(i is None or i >= original for i in slots[first:first + group])
+        parts = ("q", "k", "v", "o") if whole_group_grown else ("q", "o")
+        for piece in head_slices(model, layer, head, parts=parts):
+            key = (id(piece.parameter), piece.dim, piece.start)
+            if isinstance(piece.parameter, nn.Parameter) and key not in seen:
+                seen.add(key)
+                index = slot // group if piece.part in ("k", "v") else slot
+                out.append(HeadBlock(piece.parameter, piece.dim, piece.start, piece.length,
+                                     f"layer {layer} {piece.path} {piece.part}{index}"))
     return out

@@ -9,7 +9,7 @@ import torch
 from sentinel_adaptive.plan import AdaptivePlan
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from sentinel_core import hooks
+from sentinel_core import plugins
 from sentinel_core.config import ExperimentConfig
 from sentinel_core.data import LMData, TokenSplit
 from sentinel_core.errors import SentinelError
@@ -152,7 +152,7 @@ def test_touched_layers_and_grown_heads_get_their_own_rates(tmp_path, adaptive_p
     model = operated_gpt2()
     lm_data = data()
     snaps = Snapshots(model)
-    result = run_with(snaps, lambda: hooks.fine_tune("adaptive", model=model, tokenizer=None, data=lm_data,
+    result = run_with(snaps, lambda: plugins.fine_tune("adaptive", model=model, tokenizer=None, data=lm_data,
                                                      config=cfg, stage="fine_tune"))
     assert result.strategy == "adaptive"
     plan = result.extra["adaptive"]
@@ -190,7 +190,7 @@ def test_an_unoperated_model_trains_exactly_like_plain(tmp_path, adaptive_plugin
     a, b = gpt2(), gpt2()
     lm_data = data()
     snaps = Snapshots(a)
-    run_with(snaps, lambda: hooks.fine_tune("adaptive", model=a, tokenizer=None, data=lm_data,
+    run_with(snaps, lambda: plugins.fine_tune("adaptive", model=a, tokenizer=None, data=lm_data,
                                             config=config(tmp_path / "a", max_steps=4), stage="fine_tune"))
     train(b, lm_data, config(tmp_path / "b", max_steps=4, fine_tune="plain"), stage="fine_tune")
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
@@ -230,7 +230,7 @@ def test_interrupted_adaptive_run_resumes_exactly(tmp_path, adaptive_plugin):
     lm_data = data()
     cfg = config(tmp_path, max_steps=6)
     reference = operated_gpt2()
-    hooks.fine_tune("adaptive", model=reference, tokenizer=None, data=lm_data,
+    plugins.fine_tune("adaptive", model=reference, tokenizer=None, data=lm_data,
                     config=config(tmp_path / "ref", max_steps=6), stage="fine_tune")
 
     class Stop:
@@ -240,10 +240,10 @@ def test_interrupted_adaptive_run_resumes_exactly(tmp_path, adaptive_plugin):
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        run_with(Stop(), lambda: hooks.fine_tune("adaptive", model=operated_gpt2(), tokenizer=None, data=lm_data,
+        run_with(Stop(), lambda: plugins.fine_tune("adaptive", model=operated_gpt2(), tokenizer=None, data=lm_data,
                                                  config=cfg, stage="fine_tune"))
     resumed = operated_gpt2()
-    hooks.fine_tune("adaptive", model=resumed, tokenizer=None, data=lm_data, config=cfg, stage="fine_tune")
+    plugins.fine_tune("adaptive", model=resumed, tokenizer=None, data=lm_data, config=cfg, stage="fine_tune")
     for (name, x), y in zip(reference.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(x, y, atol=1e-6, rtol=0), name
 

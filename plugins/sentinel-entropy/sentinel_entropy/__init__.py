@@ -21,11 +21,5 @@ __version__ = "0.1.0"
 
 @sentinel_core.hookimpl
 def register_strategies():
-    return [Strategy("score_heads", NAME, "1 - mean normalised attention entropy (diffuse heads go first)")]
-
-
-@sentinel_core.hookimpl
-def score_heads(strategy, model, batches):
-    if strategy != NAME:
-        return None
-    return entropy_scores(model, batches)
+    return [Strategy("score_heads", NAME, "1 - mean normalised attention entropy (diffuse heads go first)",
+                     function=entropy_scores)]

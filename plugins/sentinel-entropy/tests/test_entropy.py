@@ -211,20 +211,21 @@ def test_no_batches_or_no_countable_positions_is_a_user_error():
         entropy_scores(model, [right_padded([[4]])])
 
 
-def test_the_hook_answers_only_its_own_strategy():
+def test_the_strategy_is_dispatched_by_the_core_to_its_function():
+    from sentinel_core import plugins
     from sentinel_core.config import ExperimentConfig
     from sentinel_core.plugins import pm
 
     model = gpt2(8)
     batches = [right_padded([[1, 2, 3, 4]])]
-    assert [s.name for s in sentinel_entropy.register_strategies()] == ["entropy"]
-    assert sentinel_entropy.score_heads(strategy="magnitude", model=model, batches=batches) is None
+    (declared,) = sentinel_entropy.register_strategies()
+    assert (declared.name, declared.function) == ("entropy", entropy_scores)
     # Already registered when load_plugins found the plugin's entry point earlier in this process.
     registered_here = not pm.is_registered(sentinel_entropy)
     if registered_here:
         pm.register(sentinel_entropy, name="entropy-test")
     try:
-        results = pm.hook.score_heads(strategy="entropy", model=model, batches=batches, config=ExperimentConfig())
+        results = plugins.score_heads("entropy", model=model, batches=batches, config=ExperimentConfig())
     finally:
         if registered_here:
             pm.unregister(sentinel_entropy)

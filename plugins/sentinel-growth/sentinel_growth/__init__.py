@@ -23,8 +23,8 @@ from sentinel_core.results import Strategy
 from .allocation import allocate_balanced, allocate_by_score, allocate_random, growth_target, layer_room
 from .entropy import layer_entropies
 from .gain import CandidateGains, candidate_gains
-from .grow import STRATEGIES, calibration_batches, grow, plan_growth
-from .options import GrowthOptions, growth_options
+from .grow import GRADIENT, STRATEGIES, grow, plan_growth
+from .options import CANDIDATES, COMMON_OPTIONS, GrowthOptions, growth_options
 from .warmup import GateWarmup, active_warmups, install_warmup, ramp
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "allocate_balanced",
     "allocate_by_score",
     "allocate_random",
-    "calibration_batches",
     "candidate_gains",
     "grow",
     "growth_options",
@@ -52,11 +51,6 @@ __version__ = "0.1.0"
 
 @sentinel_core.hookimpl
 def register_strategies():
-    return [Strategy("grow_heads", name, description) for name, description in STRATEGIES.items()]
-
-
-@sentinel_core.hookimpl
-def grow_heads(strategy, model, data, config):
-    if strategy not in STRATEGIES:
-        return None
-    return grow(strategy, model, data, config)
+    return [Strategy("grow_heads", name, description,
+                     options=(*COMMON_OPTIONS, CANDIDATES) if name == GRADIENT else COMMON_OPTIONS, function=grow)
+            for name, description in STRATEGIES.items()]

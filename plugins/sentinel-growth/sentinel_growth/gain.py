@@ -35,10 +35,8 @@ from torch import nn
 
 from sentinel_core.data import loss_inputs
 from sentinel_core.errors import SentinelError
-from sentinel_core.surgery import get_adapter, get_head_map, grow_heads
+from sentinel_core.surgery import get_head_map, grow_heads, head_slices
 from sentinel_core.training import causal_lm_loss
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -52,25 +50,15 @@ class CandidateGains:
 
 
 def output_weight_blocks(model: nn.Module, layer: int, head_ids: Sequence[int]) -> list[tuple[nn.Parameter, int, int, int]]:
-    """For each head id of ``layer``: (output-projection weight, dim, start, width) of its block.
-
-    Read from the surgery adapter's per-head parameter description, so it works for every
-    architecture the surgery supports.
-    """
-    adapter = get_adapter(model)
-    attn = adapter.attention_modules()[layer]
-    slots = get_head_map(model).layers[layer]
-    specs = [s for s in adapter.head_params(attn) if s.segments == ("o",) and s.path.endswith("weight")]
-    if len(specs) != 1:
-        raise RuntimeError(f"adapter {adapter.family!r} describes {len(specs)} output-projection weights; expected 1")
-    module: nn.Module = attn
-    *parents, name = specs[0].path.split(".")
-    for part in parents:
-        module = getattr(module, part)
-    weight = getattr(module, name)
-    dim = specs[0].dim % weight.dim()
-    width = adapter.head_dim(attn)
-    return [(weight, dim, slots.index(head) * width, width) for head in head_ids]
+    """For each head id of ``layer``: (output-projection weight, dim, start, width) of its block,
+    from ``sentinel_core.surgery.head_slices``, so it works for every architecture the surgery supports."""
+    out = []
+    for head in head_ids:
+        blocks = [s for s in head_slices(model, layer, head, parts=("o",)) if not s.is_bias]
+        if len(blocks) != 1:
+            raise RuntimeError(f"layer {layer} head {head} has {len(blocks)} output-projection weight blocks; expected 1")
+        out.append((blocks[0].parameter, blocks[0].dim, blocks[0].start, blocks[0].length))
+    return out
 
 
 def candidate_gains(

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from sentinel_core.data import calibration_batches
 from sentinel_core.errors import SentinelError
-from sentinel_core.metrics import emit
+from sentinel_core.plugins import emit
 from sentinel_core.results import GrowthResult
 from sentinel_core.surgery import get_head_map, grow_heads
 
@@ -37,18 +38,6 @@ STRATEGIES = {
     BALANCED: "layers that lost the most heads first, round-robin",
     RANDOM: "seeded uniform random layers: the baseline to beat",
 }
-
-
-def calibration_batches(data: Any, batch_size: int, count: int, seed: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``count`` shuffled training batches: the same recipe the pipeline's scorers get."""
-    from sentinel_core.data import batches
-
-    out = []
-    for batch in batches(data.train.blocks, batch_size, shuffle=True, seed=seed):
-        out.append(batch)
-        if len(out) >= count:
-            break
-    return out
 
 
 def plan_growth(
@@ -92,7 +81,7 @@ def grow(strategy: str, model: nn.Module, data: Any, config: Any) -> GrowthResul
     start = time.perf_counter()
     if strategy not in STRATEGIES:
         raise SentinelError(f"growth strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
-    options = growth_options(config.options, getattr(model, "config", None))
+    options = growth_options(config, getattr(model, "config", None))
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if options.warmup_steps and world > 1:
         # The ramp follows metric events, which only the main process receives.
@@ -103,7 +92,7 @@ def grow(strategy: str, model: nn.Module, data: Any, config: Any) -> GrowthResul
     room = layer_room(head_map, allow_exceed=options.allow_exceed)
     batches: list[dict[str, torch.Tensor]] = []
     if strategy in (GRADIENT, ENTROPY_GAP) and n > 0:
-        batches = calibration_batches(data, config.batch_size, config.calibration_batches, config.seed)
+        batches = calibration_batches(data.train.blocks, config.batch_size, config.calibration_batches, config.seed)
     counts, scores, extra = plan_growth(strategy, model, batches, n, options, seed=config.seed)
     placed = sum(counts)
     if placed < n:

@@ -23,9 +23,9 @@ def _saved_model_measures(assets, out):
     validation text), and its mean token loss on the blocks the growth fine-tuning evaluated on."""
     import torch
 
-    from sentinel_core.checkpoint import load_model
     from sentinel_core.data import load_data
     from sentinel_core.evaluation import evaluate
+    from sentinel_core.model_io import load_model
     from sentinel_core.training import causal_lm_loss
 
     model, tokenizer = load_model(out / "model")

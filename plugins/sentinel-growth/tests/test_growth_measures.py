@@ -10,7 +10,7 @@ import torch
 from sentinel_growth.entropy import layer_entropies
 from sentinel_growth.gain import candidate_gains
 
-from sentinel_core import hooks
+from sentinel_core import plugins
 from sentinel_core.surgery import get_head_map, grow_heads, prune_heads
 
 
@@ -118,7 +118,7 @@ def test_gradient_strategy_grows_where_a_new_head_can_act(growth_plugin, build):
         ln.bias.data.zero_()
     prune_heads(model, {0: [0, 1], 1: [2, 3], 2: [1, 2]})
     config = build.config(growth_strategy="gradient", growth_percent=1 / 6)  # 2 heads
-    result = hooks.grow_heads("gradient", model=model, data=build.data(), config=config)
+    result = plugins.grow_heads("gradient", model=model, data=build.data(), config=config)
     scores = result.extra["layer_scores"]
     assert scores[0] == 0.0 and scores[2] == 0.0 and scores[1] > 0
     assert result.heads == {1: [4, 5]}
@@ -132,7 +132,7 @@ def test_gradient_strategy_spills_to_the_next_best_layer_when_full(growth_plugin
         ln.bias.data.zero_()
     prune_heads(model, {0: [0, 1], 1: [3], 2: [1, 2]})  # layer 1 has room for one head only
     config = build.config(growth_strategy="gradient", growth_percent=1 / 6)
-    result = hooks.grow_heads("gradient", model=model, data=build.data(), config=config)
+    result = plugins.grow_heads("gradient", model=model, data=build.data(), config=config)
     assert result.heads[1] == [4]
     assert result.count == 2  # the second head went to a zero-gain layer: lower layer on the tie
     assert result.heads.get(0) == [4]
@@ -216,7 +216,7 @@ def test_entropy_gap_grows_the_layer_whose_heads_attend_uniformly(growth_plugin,
     attn.c_attn.weight.data[:, : 2 * width] = 0
     attn.c_attn.bias.data[: 2 * width] = 0
     config = build.config(growth_strategy="entropy-gap", growth_percent=1 / 6)
-    result = hooks.grow_heads("entropy-gap", model=model, data=build.data(), config=config)
+    result = plugins.grow_heads("entropy-gap", model=model, data=build.data(), config=config)
     scores = result.extra["layer_scores"]
     assert math.isclose(scores[2], 1.0, rel_tol=1e-6)
     assert max(scores[0], scores[1]) < 0.99

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sentinel_core import hooks
-from sentinel_core.checkpoint import load_model, save_model
+from sentinel_core import plugins
+from sentinel_core.model_io import load_model, save_model
 from sentinel_core.surgery import get_head_map, prune_heads
 
 STRATEGIES = ["gradient", "entropy-gap", "balanced", "random"]
@@ -17,15 +17,19 @@ def _ids(seed: int = 1, vocab: int = 100) -> torch.Tensor:
 
 
 def test_plugin_declares_the_four_strategies(growth_plugin):
-    owners = hooks.available_strategies("grow_heads")
+    owners = plugins.available_strategies("grow_heads")
     for name in STRATEGIES:
         assert owners[name] == "growth"
 
 
-def test_hook_returns_none_for_other_names(growth_plugin, build):
-    model = build.gpt2()
-    assert growth_plugin.grow_heads(strategy="someone-else", model=model, data=build.data(), config=build.config()) is None
-    assert get_head_map(model).is_original()
+def test_every_strategy_is_declared_with_its_function_and_options(growth_plugin):
+    declared = {s.name: s for s in growth_plugin.register_strategies()}
+    assert sorted(declared) == sorted(STRATEGIES)
+    for name, strategy in declared.items():
+        assert strategy.hook == "grow_heads" and strategy.function is growth_plugin.grow
+        options = {o.name for o in strategy.options}
+        assert {"growth_allow_exceed", "growth_warmup_steps", "growth_init_std"} <= options
+        assert ("growth_candidates" in options) == (name == "gradient")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -36,7 +40,7 @@ def test_logits_unchanged_right_after_growth_and_target_met(growth_plugin, build
     with torch.no_grad():
         before = model(x).logits
     config = build.config(growth_strategy=strategy, growth_percent=0.25)
-    result = hooks.grow_heads(strategy, model=model, data=build.data(), config=config)
+    result = plugins.grow_heads(strategy, model=model, data=build.data(), config=config)
     with torch.no_grad():
         after = model(x).logits
     torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
@@ -54,7 +58,7 @@ def test_growth_respects_the_cap_and_warns_when_the_target_does_not_fit(growth_p
     prune_heads(model, {0: [0]})  # room for one head only
     config = build.config(growth_percent=0.25)  # asks for 2
     with pytest.warns(UserWarning, match="only 1 fit"):
-        result = hooks.grow_heads("balanced", model=model, data=build.data(), config=config)
+        result = plugins.grow_heads("balanced", model=model, data=build.data(), config=config)
     assert result.heads == {0: [4]}
     assert [len(get_head_map(model).active(layer)) for layer in range(2)] == [4, 4]
 
@@ -63,7 +67,7 @@ def test_allow_exceed_goes_past_the_original_count(growth_plugin, build):
     model = build.gpt2(n_layer=2, n_head=4)
     prune_heads(model, {0: [0]})
     config = build.config(growth_percent=0.25, options={"growth_allow_exceed": True})
-    result = hooks.grow_heads("balanced", model=model, data=build.data(), config=config)
+    result = plugins.grow_heads("balanced", model=model, data=build.data(), config=config)
     assert result.count == 2
     # Deficits [1, 0]: layer 0 first, then a tie at 0 goes to the lower layer again.
     assert [len(get_head_map(model).active(layer)) for layer in range(2)] == [5, 4]
@@ -74,15 +78,15 @@ def test_bad_option_is_a_one_line_error(growth_plugin, build):
 
     model = build.gpt2()
     prune_heads(model, {0: [0, 1]})
-    with pytest.raises(SentinelError, match="options.growth_candidates must be an integer >= 1, got 0"):
-        hooks.grow_heads("gradient", model=model, data=build.data(), config=build.config(options={"growth_candidates": 0}))
+    with pytest.raises(SentinelError, match="option growth_candidates must be a positive integer, got 0"):
+        plugins.grow_heads("gradient", model=model, data=build.data(), config=build.config(options={"growth_candidates": 0}))
 
 
 def test_random_strategy_is_reproducible(growth_plugin, build):
     def run(seed):
         model = build.gpt2(n_layer=4, n_head=4)
         prune_heads(model, {layer: [0, 1] for layer in range(4)})
-        result = hooks.grow_heads("random", model=model, data=build.data(), config=build.config(seed=seed))
+        result = plugins.grow_heads("random", model=model, data=build.data(), config=build.config(seed=seed))
         weights = [attn.c_attn.weight.detach().clone() for attn in (b.attn for b in model.transformer.h)]
         return result.heads, weights
 
@@ -105,7 +109,7 @@ def _grown_blocks(model, layer: int, head: int):
 def test_grown_heads_receive_gradient_and_train(growth_plugin, build):
     model = build.gpt2(n_layer=2, n_head=4)
     prune_heads(model, {0: [0, 1], 1: [2, 3]})
-    result = hooks.grow_heads("balanced", model=model, data=build.data(), config=build.config())
+    result = plugins.grow_heads("balanced", model=model, data=build.data(), config=build.config())
     layer, head = next((layer, ids[0]) for layer, ids in result.heads.items())
     c_attn, cols, c_proj, rows = _grown_blocks(model, layer, head)
     assert torch.count_nonzero(c_proj[rows]) == 0
@@ -134,7 +138,7 @@ def test_grown_heads_receive_gradient_and_train(growth_plugin, build):
 def test_grown_model_reloads_exactly(growth_plugin, build, tmp_path):
     model = build.gpt2(n_layer=2, n_head=4)
     prune_heads(model, {0: [0, 3], 1: [1]})
-    hooks.grow_heads("gradient", model=model, data=build.data(), config=build.config(growth_strategy="gradient"))
+    plugins.grow_heads("gradient", model=model, data=build.data(), config=build.config(growth_strategy="gradient"))
     # One training step so the new heads actually contribute.
     model.train()
     x = _ids(4)
@@ -154,7 +158,7 @@ def test_gqa_growth_preserves_function_and_reloads(growth_plugin, build, tmp_pat
     x = _ids(5)
     with torch.no_grad():
         before = model(x).logits
-    result = hooks.grow_heads("gradient", model=model, data=build.data(),
+    result = plugins.grow_heads("gradient", model=model, data=build.data(),
                               config=build.config(growth_strategy="gradient", growth_percent=0.375))
     assert result.count == 3
     hm = get_head_map(model)
@@ -175,7 +179,7 @@ def test_growth_into_a_layer_with_no_heads_left(growth_plugin, build, strategy):
     with torch.no_grad():
         before = model(x).logits
     config = build.config(growth_strategy=strategy, growth_percent=0.25)
-    result = hooks.grow_heads(strategy, model=model, data=build.data(), config=config)
+    result = plugins.grow_heads(strategy, model=model, data=build.data(), config=config)
     # Layer 0 is full, so both heads can only go to the empty layer.
     assert result.heads == {1: [4, 5]}
     with torch.no_grad():
@@ -189,7 +193,7 @@ def test_entropy_gap_on_a_gqa_model(growth_plugin, build):
     x = _ids(7)
     with torch.no_grad():
         before = model(x).logits
-    result = hooks.grow_heads("entropy-gap", model=model, data=build.data(),
+    result = plugins.grow_heads("entropy-gap", model=model, data=build.data(),
                               config=build.config(growth_strategy="entropy-gap", growth_percent=0.25))
     assert result.count == 2
     assert len(result.extra["layer_scores"]) == 2
@@ -203,7 +207,7 @@ def test_masked_heads_do_not_count_towards_the_cap(growth_plugin, build):
 
     model = build.gpt2(n_layer=2, n_head=4)
     mask_heads(model, {0: [0, 1], 1: [3]})
-    result = hooks.grow_heads("balanced", model=model, data=build.data(), config=build.config())
+    result = plugins.grow_heads("balanced", model=model, data=build.data(), config=build.config())
     assert result.heads == {0: [4, 5]}
     hm = get_head_map(model)
-    assert hm.alive(0) == [0, 1, 2, 3, 4, 5] and hm.active(0) == [2, 3, 4, 5]
+    assert hm.present(0) == [0, 1, 2, 3, 4, 5] and hm.active(0) == [2, 3, 4, 5]

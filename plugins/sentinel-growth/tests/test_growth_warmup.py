@@ -8,9 +8,9 @@ import pytest
 import torch
 from sentinel_growth.warmup import active_warmups, ramp
 
-from sentinel_core import hooks
-from sentinel_core.checkpoint import load_model, save_model
-from sentinel_core.metrics import emit
+from sentinel_core import plugins
+from sentinel_core.model_io import load_model, save_model
+from sentinel_core.plugins import emit
 from sentinel_core.surgery import gates, get_head_map, prune_heads
 
 
@@ -27,7 +27,7 @@ def _new_head_gates(model, heads):
 
 def _grow(build, model, steps):
     config = build.config(options={"growth_warmup_steps": steps})
-    return hooks.grow_heads("balanced", model=model, data=build.data(), config=config).heads
+    return plugins.grow_heads("balanced", model=model, data=build.data(), config=config).heads
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +45,7 @@ def test_ramp_values():
 def test_warmup_off_by_default(growth_plugin, build):
     model = build.gpt2()
     prune_heads(model, {0: [0, 1], 1: [2, 3]})
-    heads = hooks.grow_heads("balanced", model=model, data=build.data(), config=build.config()).heads
+    heads = plugins.grow_heads("balanced", model=model, data=build.data(), config=build.config()).heads
     assert _new_head_gates(model, heads) == [1.0, 1.0]
     assert active_warmups() == []
 
@@ -174,7 +174,7 @@ def test_the_plugin_implements_only_its_strategy_hooks(growth_plugin, build):
     def hook_names(plugin):
         return sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
 
-    assert hook_names(growth_plugin) == ["grow_heads", "register_strategies"]
+    assert hook_names(growth_plugin) == ["register_strategies"]
     model = build.gpt2()
     prune_heads(model, {0: [0, 1]})
     _grow(build, model, 1)

@@ -14,19 +14,13 @@ from __future__ import annotations
 import sentinel_core
 from sentinel_core.results import Strategy
 
-from .scorer import NAME, head_sq_norms, magnitude_scores
+from .scorer import NAME, head_sq_norm, magnitude_scores
 
-__all__ = ["NAME", "magnitude_scores", "head_sq_norms"]
+__all__ = ["NAME", "magnitude_scores", "head_sq_norm"]
 __version__ = "0.1.0"
 
 
 @sentinel_core.hookimpl
 def register_strategies():
-    return [Strategy("score_heads", NAME, "norm of each head's Q/K/V/O weights (no data needed)")]
-
-
-@sentinel_core.hookimpl
-def score_heads(strategy, model):
-    if strategy != NAME:
-        return None
-    return magnitude_scores(model)
+    return [Strategy("score_heads", NAME, "norm of each head's Q/K/V/O weights (no data needed)",
+                     function=magnitude_scores)]

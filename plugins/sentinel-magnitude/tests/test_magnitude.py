@@ -121,11 +121,13 @@ def test_llama_with_a_dead_gqa_slot():
         assert float(scores[0, head]) == pytest.approx(float(original[0, head]), rel=1e-6)
 
 
-def test_the_model_is_not_changed_and_the_hook_answers_only_its_name():
+def test_the_model_is_not_changed_and_the_strategy_is_declared_with_its_function():
     model = gpt2(7)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    assert sentinel_magnitude.score_heads(strategy="entropy", model=model) is None
-    result = sentinel_magnitude.score_heads(strategy="magnitude", model=model)
+    (declared,) = sentinel_magnitude.register_strategies()
+    assert (declared.hook, declared.name, declared.function) == ("score_heads", "magnitude",
+                                                                 sentinel_magnitude.magnitude_scores)
+    result = declared.function(model=model)
     assert result.strategy == "magnitude" and result.tokens_seen == 0
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert not any(p.grad is not None for p in model.parameters())

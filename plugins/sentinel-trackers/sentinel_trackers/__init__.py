@@ -20,6 +20,7 @@ from sentinel_core import hookimpl
 from sentinel_core.fileio import read_json, write_json_atomic
 from sentinel_core.metrics import MetricEvent
 from sentinel_core.report_to import parse_report_to
+from sentinel_core.run_files import RUN_SUMMARY_FILE
 
 from .backends import BACKENDS
 from .values import config_params, event_prefix, event_scalars, summary_scalars
@@ -28,7 +29,6 @@ __version__ = "0.1.0"
 __all__ = ["TrackerPlugin", "plugin"]
 
 IDS_FILE = "trackers.json"
-SUMMARY_FILE = "summary.json"
 
 
 class _Session:
@@ -64,7 +64,7 @@ class _Session:
 
     def finish(self, summary: dict[str, Any] | None, status: str, report: bool = True) -> None:
         scalars = summary_scalars(summary) if summary else {}
-        summary_path = self.run_dir / SUMMARY_FILE if summary else None
+        summary_path = self.run_dir / RUN_SUMMARY_FILE if summary else None
         for name in list(self.backends):
             backend = self.backends.pop(name)
             try:

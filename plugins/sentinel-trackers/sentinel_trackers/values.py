@@ -22,7 +22,7 @@ def event_prefix(event: MetricEvent) -> str:
 def event_scalars(event: MetricEvent) -> dict[str, float]:
     """Every numeric value of an event, named ``<stage>[/<label>]/<key>``.
 
-    Lists (``heads_alive``, score matrices), strings, booleans and non-finite numbers (a skipped
+    Lists (``heads_active``, score matrices), strings, booleans and non-finite numbers (a skipped
     step's NaN loss) are left out; ``lr/<group>`` keys keep their slash, so each parameter
     group's rate is its own chart.
     """

@@ -85,10 +85,10 @@ def expected_series(events: list[dict], stage: str, key: str, label: str | None 
 def test_a_failing_observer_is_reported_once_per_hook_and_the_run_finishes(tracked_run):
     lines = [line for line in tracked_run["stderr"].splitlines() if "failing-observer" in line]
     assert lines == [
-        "Warning: plugin failing-observer failed in on_run_start (RuntimeError: observer broke at the start); "
-        "the run goes on without it",
-        "Warning: plugin failing-observer failed in on_run_end (RuntimeError: observer broke at the end); "
-        "the run goes on without it",
+        "Warning: plugin failing-observer failed in on_run_start and is switched off for the rest of this run: "
+        "RuntimeError: observer broke at the start",
+        "Warning: plugin failing-observer failed in on_run_end and is switched off for the rest of this run: "
+        "RuntimeError: observer broke at the end",
     ]
     assert json.loads((tracked_run["dir"] / "state.json").read_text())["finished"] is True
     assert "Warning: the" not in tracked_run["stderr"], "a tracker itself reported a failure"

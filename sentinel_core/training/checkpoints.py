@@ -9,7 +9,7 @@ A checkpoint is a folder ``<output_dir>/checkpoints/<stage>-steps/step-NNNNNNNN/
   groups and scalar state as JSON,
 - ``rng-<rank>.safetensors`` + ``rng-<rank>.json``: each process's torch (CPU and CUDA)
   generator states, and Python's and NumPy's as JSON,
-- ``state.json``: the loop's counters, best-so-far, and the fingerprint that says which run
+- ``trainer_state.json``: the loop's counters, best-so-far, and the fingerprint that says which run
   the checkpoint belongs to (written last).
 
 Nothing is pickled: tensors go through safetensors and everything else through JSON, so
@@ -34,10 +34,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .fileio import write_json_atomic
+from ..fileio import write_json_atomic
+from ..folders import swap_into_place
 
-FORMAT_VERSION = 1
-STATE_FILE = "state.json"
+# 2: the loop's record is trainer_state.json (it was state.json, the name of the run's own record).
+STEP_CHECKPOINT_FORMAT = 2
+TRAINER_STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.safetensors"
 BEST_FILE = "best.safetensors"
 OPTIMIZER_TENSORS = "optimizer.safetensors"
@@ -269,18 +271,18 @@ def list_step_checkpoints(directory: str | os.PathLike) -> list[tuple[int, Path]
     found = []
     for child in directory.iterdir():
         match = _STEP_DIR.match(child.name)
-        if match and (child / STATE_FILE).is_file():
+        if match and (child / TRAINER_STATE_FILE).is_file():
             found.append((int(match.group(1)), child))
     return sorted(found)
 
 
 def read_state(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The ``state.json`` of checkpoint folder ``path``, or None if it is missing or unreadable."""
+    """The ``trainer_state.json`` of checkpoint folder ``path``, or None if it is missing or unreadable."""
     try:
-        state = json.loads((Path(path) / STATE_FILE).read_text(encoding="utf-8"))
+        state = json.loads((Path(path) / TRAINER_STATE_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+    if not isinstance(state, dict) or state.get("format") != STEP_CHECKPOINT_FORMAT:
         return None
     return state
 
@@ -303,19 +305,13 @@ def begin_checkpoint(directory: Path, name: str) -> Path:
 def commit_checkpoint(directory: Path, name: str) -> Path:
     """Rename the finished temporary folder into place (replacing an older folder of that name)."""
     tmp = temp_dir_for(directory, name)
-    _fsync_dir(tmp)
-    final = directory / name
-    if final.exists():
-        trash = directory / f".old-{name}"
-        if trash.exists():
-            shutil.rmtree(trash)
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(directory)
-    return final
+    return swap_into_place(tmp, directory / name)
+
+
+def _is_leftover(name: str) -> bool:
+    """A checkpoint being assembled (``.tmp-NAME``) or a replaced one being deleted
+    (``.NAME.old-XXXX``, see :func:`sentinel_core.folders.swap_into_place`) when a crash struck."""
+    return name.startswith(".tmp-") or (name.startswith(".") and ".old-" in name)
 
 
 def remove_old(directory: Path, keep: int, *, protect: Callable[[Path], bool] | None = None) -> None:
@@ -326,14 +322,19 @@ def remove_old(directory: Path, keep: int, *, protect: Callable[[Path], bool] | 
             continue
         shutil.rmtree(path, ignore_errors=True)
     for child in directory.iterdir() if directory.is_dir() else ():
-        if child.name.startswith(".old-"):
+        if _is_leftover(child.name):
             shutil.rmtree(child, ignore_errors=True)
 
 
 def clear(directory: Path) -> None:
-    """Remove every checkpoint of the stage (a fresh start)."""
-    if directory.exists():
-        shutil.rmtree(directory)
+    """Remove every checkpoint of the stage (a fresh start): only the folders this module names
+    (step checkpoints, ``final``, and unfinished ``.tmp-``/``.old-`` ones), never anything else."""
+    if not directory.is_dir():
+        return
+    for child in directory.iterdir():
+        ours = _STEP_DIR.match(child.name) or child.name == FINAL or _is_leftover(child.name)
+        if ours and child.is_dir():
+            shutil.rmtree(child)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -348,19 +349,6 @@ def _fsync_file(path: str | os.PathLike) -> None:
     fd = os.open(os.fspath(path), os.O_RDONLY)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(os.fspath(path), os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
     finally:
         os.close(fd)
 

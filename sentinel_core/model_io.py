@@ -18,49 +18,24 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from sentinel_core.errors import SentinelError
+from sentinel_core.folders import atomic_directory
 
 WEIGHTS_NAME = "sentinel.safetensors"
 FORMAT_KEY = "sentinel_checkpoint"
 DENSE_KEY = "sentinel_dense_export"
-FORMAT_VERSION = 1
+MODEL_FORMAT_VERSION = 1
 _HUB_PREFIXES = ("/", ".", "~", "\\")
 
 
 # ---------------------------------------------------------------- helpers
-
-
-@contextmanager
-def _atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temp dir beside ``target``; on success it replaces ``target`` in one rename."""
-    target = target.expanduser().absolute()
-    if target.exists() and not target.is_dir():
-        raise SentinelError(f"cannot save a model to {str(target)!r}: it is a file; give a directory path")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp-"))
-    try:
-        yield tmp
-        if target.exists():
-            # rename() cannot replace a non-empty directory: move the old one aside first.
-            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-            os.replace(target, old / "previous")
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype:
@@ -176,7 +151,7 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, den
         dense_model.generation_config = copy.deepcopy(
             getattr(model, "generation_config", dense_model.generation_config)
         )
-        with _atomic_directory(target) as tmp:
+        with atomic_directory(target) as tmp:
             dense_model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
@@ -192,17 +167,17 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, den
         config,
         FORMAT_KEY,
         {
-            "format_version": FORMAT_VERSION,
+            "format_version": MODEL_FORMAT_VERSION,
             "weights": WEIGHTS_NAME,
             "dtype": str(_dtype_of(model)).removeprefix("torch."),
             "attn_implementation": _attn_implementation(model),
             "buffer_dtypes": _transient_buffer_dtypes(model),
         },
     )
-    with _atomic_directory(target) as tmp:
+    with atomic_directory(target) as tmp:
         config.save_pretrained(tmp)
         save_safetensors(
-            model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "sentinel_format": str(FORMAT_VERSION)}
+            model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "sentinel_format": str(MODEL_FORMAT_VERSION)}
         )
         _save_extras(model, tokenizer, tmp)
         if card is not None:
@@ -248,10 +223,10 @@ def _load_sentinel(
 
     config = AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     record = getattr(config, FORMAT_KEY, None) or {}
-    if record.get("format_version") != FORMAT_VERSION:
+    if record.get("format_version") != MODEL_FORMAT_VERSION:
         raise SentinelError(
             f"{str(directory)!r} has Sentinel checkpoint format {record.get('format_version')!r}; "
-            f"this Sentinel reads format {FORMAT_VERSION}"
+            f"this Sentinel reads format {MODEL_FORMAT_VERSION}"
         )
     head_map_data = getattr(config, CONFIG_KEY, None)
     if head_map_data is None:
@@ -270,6 +245,9 @@ def _load_sentinel(
         _restore_buffer_dtypes(model, record.get("buffer_dtypes") or {})
     try:
         missing, unexpected = load_safetensors(model, str(directory / WEIGHTS_NAME), strict=False)
+    except SafetensorError as exc:
+        raise SentinelError(f"{str(directory / WEIGHTS_NAME)!r} is unreadable ({_first_line(exc)}); the file is "
+                            "truncated or not safetensors") from None
     except RuntimeError as exc:
         raise SentinelError(
             f"{str(directory / WEIGHTS_NAME)!r} does not match its head map ({str(exc).splitlines()[0]})"
@@ -308,8 +286,15 @@ def _load_plain(
         attn_implementation = _dense_record(Path(name)).get("attn_implementation")
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    if Path(name).is_dir():
+        _refuse_pickle_only(Path(name))
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+        # Weights only from safetensors: a pickle (pytorch_model.bin) is a program for the
+        # unpickler; torch.load's weights_only mode restricts it but has had bypasses (CVE-2025-32434).
+        model = AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, **kwargs)
+    except SafetensorError as exc:
+        raise SentinelError(f"the weights of {name!r} are unreadable ({_first_line(exc)}); the file is truncated "
+                            "or not safetensors: copy or download it again") from None
     except ValueError as exc:
         message = str(exc).splitlines()[0]
         if "Unrecognized configuration class" in message or "AutoModelForCausalLM" in message:
@@ -319,9 +304,12 @@ def _load_plain(
             ) from None
         raise SentinelError(f"cannot open model {name!r}: {message[:200]}") from None
     except OSError as exc:
+        message = _first_line(exc)
+        if "model.safetensors" in message and not Path(name).is_dir():
+            raise SentinelError(f"hub model {name!r} has no safetensors weights ({message[:120]}); Sentinel loads "
+                                "weights only from safetensors, never from pickles") from None
         raise SentinelError(
-            f"cannot open model {name!r}: {str(exc).splitlines()[0][:200]}; give a local model directory "
-            f"or a hub model name"
+            f"cannot open model {name!r}: {message[:200]}; give a local model directory or a hub model name"
         ) from None
     except RuntimeError as exc:  # e.g. a size mismatch between config and weights
         raise SentinelError(f"cannot load the weights of {name!r}: {str(exc).splitlines()[0][:200]}") from None
@@ -332,6 +320,57 @@ def _load_plain(
 
         mask_heads(model, {int(layer): ids for layer, ids in dense["zeroed_heads"].items()})
     return model
+
+
+@torch.no_grad()
+def check_finite_weights(model: nn.Module, name: str | os.PathLike) -> None:
+    """Raise SentinelError naming the first parameter or buffer of ``model`` that holds NaN or inf.
+
+    Such a model gives NaN logits: every perplexity, score and sample from it would be
+    meaningless, and sampling from it fails deep inside ``generate``.
+    """
+    tensors = [(n, t) for n, t in (*model.named_parameters(), *model.named_buffers())
+               if t.is_floating_point() and t.numel()]
+    if not tensors:
+        return
+    flags = torch.stack([torch.isfinite(t).all() for _, t in tensors]).cpu()
+    if not bool(flags.all()):
+        bad = tensors[int((~flags).nonzero()[0])][0]
+        raise SentinelError(f"model {os.fspath(name)!r} has NaN or infinite weights (first in {bad}); "
+                            "its outputs would be meaningless: use a checkpoint from before it diverged")
+
+
+def check_model_inputs(model: nn.Module, tokenizer: Any, name: str | os.PathLike, block_size: int | None) -> None:
+    """What every command that runs a loaded model checks first, each as one line: finite
+    weights, a tokenizer, and a block size within the model's positions."""
+    from sentinel_core.evaluation import max_positions
+
+    check_finite_weights(model, name)
+    if tokenizer is None:
+        raise SentinelError(f"model {os.fspath(name)!r} has no tokenizer files; save its tokenizer with the model")
+    limit = max_positions(model)
+    if block_size is not None and limit is not None and block_size > limit:
+        raise SentinelError(f"block_size {block_size} exceeds the {limit} positions of model {os.fspath(name)!r}; "
+                            f"use --block-size {limit} or less")
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _refuse_pickle_only(directory: Path) -> None:
+    """One line instead of a pickle load, when a folder's weights exist only as pickles."""
+    if any(directory.glob("*.safetensors")):
+        return
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
+        raise SentinelError(
+            f"{str(directory)!r} holds its weights only as a pickle ({pickles[0]}), which can run code when "
+            "loaded; Sentinel reads safetensors only: convert it where you trust the file, e.g. "
+            "AutoModelForCausalLM.from_pretrained(path).save_pretrained(new_path)")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]
 
 
 def load_model(
@@ -351,6 +390,8 @@ def load_model(
     dtype = _parse_dtype(dtype)
     name = os.fspath(name_or_path)
     directory = Path(name).expanduser()
+    if directory.is_file():
+        raise SentinelError(f"model path {name!r} is a file; give the folder that holds config.json and the weights")
     if directory.is_dir():
         if not (directory / "config.json").exists():
             raise SentinelError(

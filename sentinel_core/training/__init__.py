@@ -12,7 +12,7 @@ stopping after ``patience`` evaluations without improvement.
 
 Reliability: a step whose loss (or gradient norm) is not finite is skipped; after
 ``max_bad_steps`` of them in a row the run rolls back to its last good checkpoint and halves the
-learning rate. Step checkpoints (see :mod:`sentinel_core.checkpointing`) are written every
+learning rate. Step checkpoints (see :mod:`sentinel_core.training.checkpoints`) are written every
 ``checkpoint_every`` steps and when the run is stopped by Ctrl-C or SIGTERM, so a later call with
 the same ``output_dir`` and ``stage`` continues where it stopped and ends with the same weights
 as a run that was never interrupted.
@@ -38,15 +38,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpointing as ckpt
-from .config import ExperimentConfig, resolve_device
-from .errors import SentinelError
-from .metrics import emit
-from .results import FineTuneResult
+from ..config import ExperimentConfig, resolve_device
+from ..data import IGNORE_INDEX
+from ..errors import RunInterrupted, SentinelError
+from ..options import Option
+from ..plugins import emit
+from ..results import FineTuneResult
+from ..run_files import RUN_CONFIG_FILE
+from . import checkpoints as ckpt
 
 __all__ = [
     "BASE_GROUP",
     "IGNORE_INDEX",
+    "TRAINING_OPTIONS",
     "LrMultiplier",
     "TrainingDivergedError",
     "causal_lm_loss",
@@ -56,25 +60,27 @@ __all__ = [
     "train",
 ]
 
-IGNORE_INDEX = -100
 BASE_GROUP = "base"
 LrMultiplier = Callable[[int, int, str], float]
 
-# config.options keys this module reads, with their defaults.
-OPTION_DEFAULTS: dict[str, Any] = {
-    "weight_decay": 0.01,
-    "max_bad_steps": 3,
-    "max_rollbacks": 3,
-    "keep_checkpoints": 2,
-}
-_RESUME_COMMAND = "Interrupted: resume with  sentinel run --resume {output_dir}"
+# The config.options this loop reads. Every fine-tuner that trains with this loop declares them
+# among its strategy options (``Strategy(..., options=(*TRAINING_OPTIONS, ...))``).
+TRAINING_OPTIONS: tuple[Option, ...] = (
+    Option("weight_decay", float, 0.01, "AdamW weight decay on 2-D weights (biases and norms get none)",
+           minimum=0.0, maximum=1.0, max_exclusive=True),
+    Option("max_bad_steps", int, 3, "non-finite steps in a row before rolling back to the last good checkpoint",
+           minimum=1),
+    Option("max_rollbacks", int, 3, "rollbacks (each halving the learning rate) before giving up", minimum=0),
+    Option("keep_checkpoints", int, 2, "step checkpoints kept on disk (plus the last good one)", minimum=1),
+)
+_RESUME_COMMAND = "Interrupted: resume with `sentinel run --resume {output_dir}`"
 
 
 class TrainingDivergedError(SentinelError):
     """Training could not recover from non-finite losses or weights; the message says what to change."""
 
 
-class _GracefulStop(KeyboardInterrupt):
+class _GracefulStop(RunInterrupted):
     """Raised after a requested stop (Ctrl-C, SIGTERM) once the checkpoint is on disk."""
 
 
@@ -217,19 +223,7 @@ class _StopSignals:
 
 
 def _options(config: ExperimentConfig) -> dict[str, Any]:
-    opts = dict(OPTION_DEFAULTS)
-    for key in OPTION_DEFAULTS:
-        if key in config.options:
-            opts[key] = config.options[key]
-    wd = opts["weight_decay"]
-    if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not 0 <= wd < 1:
-        raise SentinelError(f"options.weight_decay must be a number in [0, 1), got {wd!r}")
-    for key, low in (("max_bad_steps", 1), ("max_rollbacks", 0), ("keep_checkpoints", 1)):
-        value = opts[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise SentinelError(f"options.{key} must be an integer >= {low}, got {value!r}")
-    opts["weight_decay"] = float(wd)
-    return opts
+    return {option.name: option.value(config) for option in TRAINING_OPTIONS}
 
 
 def _check_stage(stage: str) -> None:
@@ -328,8 +322,10 @@ def _ppl(loss: float) -> float:
 
 class _Trainer:
     def __init__(self, model: nn.Module, data: Any, config: ExperimentConfig, stage: str,
-                 param_groups: Sequence[Mapping[str, Any]] | None, lr_multiplier: LrMultiplier | None) -> None:
+                 param_groups: Sequence[Mapping[str, Any]] | None, lr_multiplier: LrMultiplier | None,
+                 resume_hint: str | None = None) -> None:
         _check_stage(stage)
+        self.resume_hint = resume_hint
         self.config, self.stage, self.model = config, stage, model
         self.opts = _options(config)
         self.lr_multiplier = lr_multiplier
@@ -571,7 +567,7 @@ class _Trainer:
             if self._saved_step != state.step:
                 if self._weights_finite():
                     self._save_checkpoint()
-            raise _GracefulStop()
+            raise _GracefulStop(self.signals.reason or "Ctrl-C")
 
     def _barrier(self) -> None:
         """Wait for every process. On CPU this is torch's plain barrier: Accelerate's
@@ -677,7 +673,7 @@ class _Trainer:
             model_state = self.model.state_dict()
             ckpt.save_tensors(tmp / ckpt.MODEL_FILE, model_state)
             record: dict[str, Any] = {
-                "format": ckpt.FORMAT_VERSION, "stage": self.stage, "loop": state.to_dict(),
+                "format": ckpt.STEP_CHECKPOINT_FORMAT, "stage": self.stage, "loop": state.to_dict(),
                 "settings": self.settings, "start_fingerprint": self.start_fingerprint,
                 "fingerprint": ckpt.weights_fingerprint(model_state),
             }
@@ -695,7 +691,7 @@ class _Trainer:
                 record["scaler"] = ckpt._jsonable(scaler.state_dict()) if scaler is not None else None
             else:
                 record["result"] = result
-            ckpt.write_json(tmp / ckpt.STATE_FILE, record)
+            ckpt.write_json(tmp / ckpt.TRAINER_STATE_FILE, record)
         self._barrier()
         if self.is_main:
             ckpt.commit_checkpoint(self.directory, name)
@@ -843,7 +839,9 @@ class _Trainer:
         if not self.is_main:
             return
         output_dir = Path(self.config.output_dir)
-        if (output_dir / "experiment.json").is_file():
+        if self.resume_hint:
+            print(self.resume_hint.format(step=self.state.step, stage=self.stage), file=sys.stderr)
+        elif (output_dir / RUN_CONFIG_FILE).is_file():
             print(_RESUME_COMMAND.format(output_dir=output_dir), file=sys.stderr)
         else:
             print(f"Interrupted: {self.stage} checkpoint in {self.directory}; call train() again with the same "
@@ -886,6 +884,7 @@ def train(
     param_groups: Sequence[Mapping[str, Any]] | None = None,
     lr_multiplier: LrMultiplier | None = None,
     resume: bool = True,
+    resume_hint: str | None = None,
 ) -> FineTuneResult:
     """Train ``model`` in place on ``data.train.blocks``, evaluating on ``data.validation.blocks``.
 
@@ -909,6 +908,9 @@ def train(
         resume: continue from the newest step checkpoint of ``stage`` in ``output_dir`` when it
             belongs to this run (same settings, data and starting weights); otherwise, and when
             False, start afresh and overwrite them.
+        resume_hint: what to print after Ctrl-C or SIGTERM, telling the user how to continue
+            (``{step}`` and ``{stage}`` are filled in); by default the ``sentinel run --resume``
+            command inside a run folder, else how to call ``train`` again.
 
     Returns:
         :class:`FineTuneResult`; ``extra`` holds ``best_step``, ``stopped_early``,
@@ -919,4 +921,4 @@ def train(
         TrainingDivergedError: when non-finite losses persist through ``max_rollbacks`` rollbacks.
         SentinelError: for settings that cannot work (too little data, bad groups, ...).
     """
-    return _Trainer(model, data, config, stage, param_groups, lr_multiplier).run(resume)
+    return _Trainer(model, data, config, stage, param_groups, lr_multiplier, resume_hint).run(resume)
