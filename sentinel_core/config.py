@@ -123,6 +123,16 @@ class ExperimentConfig:
                                           section="evaluation", minimum=1, default_text="all")
     sample_prompt: str = setting("The", "Prompt of the text samples generated before and after.",
                                  section="evaluation")
+    tasks: str | None = setting(None, "lm-eval tasks to score the baseline and final model on, e.g. hellaswag,piqa.",
+                                section="evaluation", default_text="none")
+    tasks_include_path: str | None = setting(None, "Folder of local lm-eval task YAMLs.", section="evaluation",
+                                             default_text="none")
+    tasks_num_fewshot: int | None = setting(None, "Few-shot examples per task.", section="evaluation", minimum=0,
+                                            default_text="the task's own")
+    tasks_limit: int | None = setting(None, "Score only the first N documents of each task.", section="evaluation",
+                                      minimum=1, default_text="all")
+    speed_repeats: int = setting(5, "Interleaved timing repeats of the unpruned against the final model (0: skip).",
+                                 section="evaluation", minimum=0)
 
     # -- run
     output_dir: str = setting("sentinel_output", "A new or empty folder for the run (docs/output-folders.md).",
@@ -131,6 +141,8 @@ class ExperimentConfig:
                         minimum=0)
     test_mode: bool = setting(False, "A few steps on a little data: a smoke test of every stage.", section="run")
     quiet: bool = setting(False, "No progress bars (metrics are still logged).", section="run", display_only=True)
+    report_to: str = setting("none", "Experiment trackers: a comma list of tensorboard, mlflow, wandb, or none.",
+                             section="run", display_only=True)
     options: dict[str, Any] = setting({}, "Strategy options, KEY=VALUE (see `sentinel run --help-strategy NAME`).",
                                       section="run", flag="--option")
 
@@ -141,6 +153,11 @@ class ExperimentConfig:
                     raise SentinelError(f"options must be a table of KEY = VALUE, got {self.options!r}")
                 continue
             setattr(self, f.name, field_rule(f.name).check(f.name, getattr(self, f.name)))
+        from .report_to import parse_report_to
+
+        parse_report_to(self.report_to)
+        if self.tasks is not None and not [t for t in self.tasks.split(",") if t.strip()]:
+            raise SentinelError(f"tasks must be a comma list of lm-eval task names, e.g. hellaswag,piqa; got {self.tasks!r}")
         if self.growth_percent > 0 and not self.growth_strategy:
             raise SentinelError("growth_percent is set but growth_strategy is not; pick one, e.g. gradient")
         if self.growth_percent > self.pruning_percent:

@@ -18,6 +18,7 @@ from pluggy import HookimplMarker, HookspecMarker
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from collections.abc import Sequence
+    from pathlib import Path
 
     import click
     import torch
@@ -198,4 +199,40 @@ def register_commands(cli: click.Group) -> Any:
 
     Broadcast: every implementation is called (not firstresult), once, when the command line
     starts. A plugin that raises here is reported and its commands are missing; the rest work.
+    """
+
+
+@hookspec
+def on_run_start(config: ExperimentConfig, run_dir: Path) -> Any:
+    """A ``sentinel run`` begins, or resumes: its run folder exists and ``experiment.json`` is written.
+
+    Called once per process, before the first stage, so an observer (an experiment tracker, a
+    notifier) can learn where the run lives and what it was asked to do. A resumed run calls it
+    again (its ``state.json`` then lists stages already finished).
+
+    :param config: the run's :class:`sentinel_core.config.ExperimentConfig` as given (the one
+        saved in ``experiment.json``). What actually ran, with test mode and the demo model's
+        settings applied, arrives with ``on_run_end`` as ``summary["effective_config"]``.
+    :param run_dir: the run folder (``config.output_dir``) as a :class:`pathlib.Path`.
+    :return: ignored.
+
+    Broadcast: every implementation is called (not firstresult). One that raises is reported once,
+    in one line naming the plugin, and switched off for the rest of the run; the run goes on.
+    """
+
+
+@hookspec
+def on_run_end(summary: dict[str, Any], run_dir: Path) -> Any:
+    """A ``sentinel run`` finished: ``summary.json``, the final ``model/`` and the plots are written.
+
+    Not called for a run that stops with an error or an interruption; such a run gets
+    ``on_run_start`` again when it is resumed.
+
+    :param summary: what ``summary.json`` holds (perplexities, heads, parameters, speed, task
+        results, timings, versions, ``config`` and ``effective_config``).
+    :param run_dir: the run folder as a :class:`pathlib.Path`.
+    :return: ignored.
+
+    Broadcast: every implementation is called (not firstresult). One that raises is reported in
+    one line naming the plugin; the run is already finished and stays so.
     """

@@ -107,13 +107,16 @@ def _save_extras(model: nn.Module, tokenizer: Any, directory: Path) -> None:
 # ---------------------------------------------------------------- saving
 
 
-def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, dense: bool = False) -> Path:
+def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, dense: bool = False,
+               card: dict[str, Any] | None = None) -> Path:
     """Save ``model`` (and ``tokenizer``, which may be None) to the directory ``path``, atomically.
 
     ``dense=False`` writes a Sentinel checkpoint (compact shapes, head map, gates), opened with
     :func:`load_model`; plain ``from_pretrained`` refuses it. ``dense=True`` writes an ordinary
     transformers checkpoint in the original shapes with removed and masked heads zeroed; it
-    raises SentinelError if grown heads are active. Returns the directory.
+    raises SentinelError if grown heads are active. ``card``, when given, holds the facts for a
+    README.md model card (see :mod:`sentinel_core.model_card`), written into the same folder.
+    Returns the directory.
     """
     from safetensors.torch import save_model as save_safetensors
 
@@ -152,6 +155,10 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, den
             dense_model.save_pretrained(tmp)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            if card is not None:
+                from sentinel_core.model_card import write_model_card
+
+                write_model_card(tmp, model, card, stored=dense_model, dense=True, path=target)
         return target
 
     config = _clean_config(model)
@@ -173,6 +180,10 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, den
             model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "sentinel_format": str(MODEL_FORMAT_VERSION)}
         )
         _save_extras(model, tokenizer, tmp)
+        if card is not None:
+            from sentinel_core.model_card import write_model_card
+
+            write_model_card(tmp, model, card, path=target)
     return target
 
 

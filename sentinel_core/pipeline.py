@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, plugins
+from . import __version__, plugins, run_measures
 from .config import ExperimentConfig, resolve_device
 from .errors import SentinelError
 from .fileio import read_json, write_json_atomic
 from .folders import LOCK_FILES, check_no_overlap, check_run_folder
+from .kv_cache import kv_cache_bytes_per_token
 from .plugins import emit, pm
 from .run_files import FINAL_MODEL_DIR, RUN_CONFIG_FILE, RUN_STATE_FILE, RUN_SUMMARY_FILE, STAGE_CHECKPOINTS_DIR
 from .run_lock import RunLock
@@ -35,6 +36,7 @@ def run_experiment(config: ExperimentConfig) -> tuple[Any, Any, dict[str, Any]]:
     run uses it.
     """
     plugins.check_run(config)  # strategy names and options: the cheapest mistakes, reported first
+    run_measures.check_run_extras(config)  # trackers installed, lm-eval tasks and their data loadable
     output_dir = Path(config.output_dir)
     if check_run_folder(output_dir):
         _refuse_existing_run(output_dir)
@@ -73,7 +75,9 @@ def resume_experiment(output_dir: str | Path, **display: Any) -> tuple[Any, Any,
         if state.get("finished"):
             raise SentinelError(f"the run in {str(output_dir)!r} already finished; see {RUN_SUMMARY_FILE}")
         plugins.check_run(config)
-        return _Run(config.replace(output_dir=str(output_dir), **display), state=state).execute()
+        config = config.replace(output_dir=str(output_dir), **display)
+        run_measures.check_run_extras(config)
+        return _Run(config, state=state).execute()
 
 
 def _refuse_existing_run(output_dir: Path) -> None:
@@ -107,6 +111,7 @@ def effective_config(config: ExperimentConfig) -> ExperimentConfig:
         calibration_batches=min(config.calibration_batches, 2),
         eval_every=min(config.eval_every, 3),
         checkpoint_every=min(config.checkpoint_every, 3),
+        speed_repeats=min(config.speed_repeats, 2),
     )
 
 
@@ -158,6 +163,7 @@ class _Run:
         tracker = ProgressTracker(self.output_dir)
         pm.register(tracker)
         try:
+            plugins.notify("on_run_start", config=self.requested, run_dir=self.output_dir)
             return self._stages()
         finally:
             pm.unregister(tracker)
@@ -171,8 +177,10 @@ class _Run:
             start = time.perf_counter()
             baseline = self._evaluate("baseline")
             sample = self._sample("baseline")
+            tasks = run_measures.task_scores(self.model, self.tokenizer, c, self.device, "baseline")
             self._finish("baseline", time.perf_counter() - start, baseline=baseline, sample_before=sample,
-                         parameters_before=self._parameters(), heads_original=self._head_counts())
+                         parameters_before=self._parameters(), heads_original=self._head_counts(),
+                         kv_cache_before=kv_cache_bytes_per_token(self.model), tasks_baseline=tasks)
 
         if not self._done("score"):
             start = time.perf_counter()
@@ -217,8 +225,16 @@ class _Run:
             start = time.perf_counter()
             final = self._evaluate("final")
             sample = self._sample("final")
+            tasks = run_measures.task_scores(self.model, self.tokenizer, c, self.device, "final")
             self._finish("final", time.perf_counter() - start, final=final, sample_after=sample,
-                         parameters_after=self._parameters(), heads_final=self._head_counts())
+                         parameters_after=self._parameters(), heads_final=self._head_counts(),
+                         kv_cache_after=kv_cache_bytes_per_token(self.model), tasks_final=tasks)
+
+        if not self._done("speed"):
+            start = time.perf_counter()
+            speed = run_measures.measure_speed(self.model, self.state["sources"]["model"],
+                                               self.data.validation.blocks, c, self.device)
+            self._finish("speed", time.perf_counter() - start, speed=speed)
 
         summary = self._summary()
         self._save(summary)
@@ -324,10 +340,9 @@ class _Run:
                       "per_layer_final": r["heads_final"]["per_layer"], "removed_heads": r.get("removed", {}),
                       "grown_heads": r.get("grown", {}), "prune_mode": r.get("prune_mode")},
             "parameters": {"before": r["parameters_before"], "after": r["parameters_after"]},
-            "speed": {"tokens_per_second_before": before["tokens_per_second"],
-                      "tokens_per_second_after": after["tokens_per_second"],
-                      "ratio": after["tokens_per_second"] / before["tokens_per_second"]
-                      if before["tokens_per_second"] else None},
+            "kv_cache": run_measures.kv_cache_summary(r),
+            "speed": run_measures.speed_summary(r),
+            "tasks": run_measures.tasks_summary(r),
             "fine_tune": r.get("fine_tune"),
             "fine_tune_growth": r.get("fine_tune_growth"),
             "samples": {"before": r.get("sample_before"), "after": r.get("sample_after")},
@@ -347,9 +362,12 @@ class _Run:
         return head_map.num_layers * head_map.original_num_heads
 
     def _save(self, summary: dict[str, Any]) -> None:
+        from .defaults import is_demo_model
+        from .model_card import facts_from_summary
         from .model_io import save_model
 
-        save_model(self.model, self.tokenizer, self.output_dir / FINAL_MODEL_DIR)
+        card = facts_from_summary(summary, demo=is_demo_model(self.state["sources"]["model"]))
+        save_model(self.model, self.tokenizer, self.output_dir / FINAL_MODEL_DIR, card=card)
         write_json_atomic(self.output_dir / RUN_SUMMARY_FILE, summary)
         try:
             from .plots import plot_run
@@ -359,6 +377,7 @@ class _Run:
             plot_run(self.output_dir)
         self.state["finished"] = True
         write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
+        plugins.notify("on_run_end", summary=summary, run_dir=self.output_dir)
 
 
 def quiet_libraries() -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "HEAD_MAP_PLOT",
     "plot_run",
     "plot_comparison",
+    "plot_quality_cost",
     "plot_files",
 ]
 
@@ -106,9 +107,7 @@ def plot_comparison(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
     :return: ``path`` as a :class:`Path`.
     :raises SentinelError: when a folder is not a finished run, or no folder is given.
     """
-    summaries = [load_summary(d) for d in run_dirs]
-    if not summaries:
-        raise SentinelError("no run folders given; pass one or more --output-dir folders of finished runs")
+    summaries = _finished_summaries(run_dirs)
     points = [_comparison_point(s, d) for s, d in zip(summaries, run_dirs, strict=True)]
     keys = _series_keys(points)
 
@@ -133,6 +132,7 @@ def plot_comparison(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
                        label="unpruned baseline" if b_index == 0 else None)
         ax.set_title(f"Perplexity {title}")
         ax.set_xlabel("heads pruned (%)")
+        _fit_percent_axis(ax, [p["percent"] for p in points])
         ax.grid(True, alpha=0.3)
         # Own y scale per panel: pruning can multiply perplexity while fine-tuning differences
         # are a few percent, and one shared scale would flatten the second panel.
@@ -144,6 +144,13 @@ def plot_comparison(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
     out = Path(path)
     _save(fig, out)
     return out
+
+
+def _finished_summaries(run_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    summaries = [load_summary(d) for d in run_dirs]
+    if not summaries:
+        raise SentinelError("no run folders given; pass one or more --output-dir folders of finished runs")
+    return summaries
 
 
 def load_summary(run_dir: str | Path) -> dict[str, Any]:
@@ -162,6 +169,165 @@ def load_summary(run_dir: str | Path) -> dict[str, Any]:
     if not isinstance(summary, dict) or not isinstance(summary.get("perplexity"), dict):
         raise SentinelError(f"{str(summary_path)!r} is not a Sentinel summary (no perplexity section)")
     return summary
+
+
+def plot_quality_cost(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
+    """Quality against cost across finished runs: one point per run, the unpruned baseline marked.
+
+    Columns are the costs: parameters, KV-cache bytes per token and tokens per second (each drawn
+    when a run recorded it); rows are the quality: final validation perplexity, and mean task
+    accuracy when every run scored lm-eval tasks. Each base model's unpruned baseline is a black
+    star at its own cost and quality (the median over the runs that share it). Tokens/s carry the
+    range of the interleaved repeats as error bars; a run whose speed is a single indicative pass
+    is drawn hollow.
+
+    :param run_dirs: finished run folders (each holds ``summary.json``).
+    :param path: the PNG file to write.
+    :return: ``path`` as a :class:`Path`.
+    :raises SentinelError: when a folder is not a finished run, or no folder is given.
+    """
+    summaries = _finished_summaries(run_dirs)
+    points = [_cost_point(s, d) for s, d in zip(summaries, run_dirs, strict=True)]
+    keys = _series_keys([_comparison_point(s, d) for s, d in zip(summaries, run_dirs, strict=True)])
+    costs = [c for c in _COSTS if any(_finite(p["after"].get(c)) for p in points)]
+    qualities = ["perplexity"] + (["accuracy"] if all(_finite(p["after"].get("accuracy")) for p in points) else [])
+    if not costs:
+        raise SentinelError("the runs recorded neither parameters, KV-cache size nor speed; re-run them with "
+                            "this Sentinel")
+    fig = _figure(1.2 + 4.2 * len(costs), 0.9 + 3.5 * len(qualities))
+    axes = fig.subplots(len(qualities), len(costs), squeeze=False)
+    colours = {key: f"C{i % 10}" for i, key in enumerate(sorted(set(keys)))}
+    markers = {key: _MARKERS[i % len(_MARKERS)] for i, key in enumerate(sorted(set(keys)))}
+    baselines = _baselines(points)
+    for row, quality in enumerate(qualities):
+        for col, cost in enumerate(costs):
+            ax = axes[row][col]
+            for point, key in zip(points, keys, strict=True):
+                x, y = point["after"].get(cost), point["after"].get(quality)
+                if not (_finite(x) and _finite(y)):
+                    continue
+                hollow = cost == "tokens_per_second" and point["indicative_speed"]
+                xerr = None
+                spread = point["after_range"].get(cost)
+                if spread:
+                    xerr = [[max(0.0, x - spread[0])], [max(0.0, spread[1] - x)]]
+                ax.errorbar([x], [y], xerr=xerr, fmt=markers[key], color=colours[key], ecolor=colours[key],
+                            elinewidth=1, capsize=3, markersize=7, zorder=3,
+                            markerfacecolor="white" if hollow else colours[key])
+                ax.annotate(point["name"], (x, y), xytext=(5, 4), textcoords="offset points", fontsize=7.5,
+                            color="0.25")
+            for base in baselines:
+                x, y = base.get(cost), base.get(quality)
+                if _finite(x) and _finite(y):
+                    ax.scatter([x], [y], marker="*", s=170, color="black", zorder=4)
+                    ax.annotate("unpruned", (x, y), xytext=(6, -10), textcoords="offset points", fontsize=7.5)
+            ax.set_xlabel(_COSTS[cost])
+            ax.set_ylabel(_QUALITIES[quality] if col == 0 else "")
+            ax.grid(True, alpha=0.3)
+            ax.xaxis.set_major_formatter(_engineering(cost))
+            _pad_axes(ax)
+    handles = _cost_legend(colours, markers, points, costs)
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    fig.suptitle("Quality against cost (one point per run)", fontsize=12)
+    out = Path(path)
+    _save(fig, out)
+    return out
+
+
+_COSTS = {"parameters": "parameters", "kv_bytes": "KV cache per token (bytes)",
+          "tokens_per_second": "tokens / s (forward)"}
+_QUALITIES = {"perplexity": "final validation perplexity\n(lower is better)",
+              "accuracy": "mean task accuracy\n(higher is better)"}
+
+
+def _cost_point(summary: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """A run's cost and quality after pruning, and its unpruned baseline's, from summary.json."""
+    params = summary.get("parameters") or {}
+    kv = summary.get("kv_cache") or {}
+    speed = summary.get("speed") or {}
+    ppl = summary.get("perplexity") or {}
+    tasks = summary.get("tasks") or {}
+    before = {"parameters": (params.get("before") or {}).get("total"), "kv_bytes": kv.get("bytes_per_token_before"),
+              "tokens_per_second": speed.get("tokens_per_second_before"), "perplexity": ppl.get("baseline"),
+              "accuracy": _mean_accuracy(tasks.get("baseline"))}
+    after = {"parameters": (params.get("after") or {}).get("total"), "kv_bytes": kv.get("bytes_per_token_after"),
+             "tokens_per_second": speed.get("tokens_per_second_after"), "perplexity": ppl.get("final"),
+             "accuracy": _mean_accuracy(tasks.get("final"))}
+    spread = speed.get("tokens_per_second_after_range")
+    return {"name": Path(run_dir).name, "model": str(summary.get("model")), "before": before, "after": after,
+            "after_range": {"tokens_per_second": spread} if isinstance(spread, list) and len(spread) == 2 else {},
+            "indicative_speed": speed.get("method") != "interleaved"}
+
+
+def _mean_accuracy(results: dict[str, Any] | None) -> float | None:
+    """The mean over tasks of each task's ``acc`` (or its first metric when it has no ``acc``)."""
+    values = []
+    for entry in (results or {}).values():
+        metrics = (entry or {}).get("metrics") or {}
+        value = metrics.get("acc", next(iter(metrics.values()), None))
+        if _finite(value):
+            values.append(float(value))
+    return sum(values) / len(values) if values else None
+
+
+def _baselines(points: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """One unpruned point per base model: the median of what its runs measured before pruning."""
+    by_model: dict[str, list[dict[str, Any]]] = {}
+    for point in points:
+        by_model.setdefault(point["model"], []).append(point["before"])
+    out = []
+    for befores in by_model.values():
+        merged = {}
+        for name in ("parameters", "kv_bytes", "tokens_per_second", "perplexity", "accuracy"):
+            values = [float(b[name]) for b in befores if _finite(b.get(name))]
+            if values:
+                merged[name] = _median(values)
+        out.append(merged)
+    return out
+
+
+def _engineering(cost: str):
+    from matplotlib.ticker import EngFormatter, FuncFormatter
+
+    if cost == "tokens_per_second":
+        return FuncFormatter(lambda v, _pos: f"{v:,.0f}")
+    return EngFormatter(unit="B" if cost == "kv_bytes" else "", sep="")
+
+
+def _pad_axes(ax: Any) -> None:
+    """Room around the points for their labels, however close together they sit."""
+    ax.margins(x=0.18, y=0.18)
+
+
+def _cost_legend(colours: dict[str, str], markers: dict[str, str], points: list[dict[str, Any]],
+                 costs: list[str]) -> list[Any]:
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], linestyle="", marker=markers[k], color=c, markersize=7, label=k)
+               for k, c in colours.items()]
+    handles.append(Line2D([], [], linestyle="", marker="*", color="black", markersize=11, label="unpruned baseline"))
+    if "tokens_per_second" in costs:
+        if any(p["indicative_speed"] for p in points):
+            handles.append(Line2D([], [], linestyle="", marker="o", color="0.3", markerfacecolor="white",
+                                  label="speed indicative (one pass each)"))
+        if any(p["after_range"] for p in points):
+            handles.append(Line2D([], [], color="0.3", marker="|", label="range over interleaved repeats"))
+    return handles
+
+
+def _fit_percent_axis(ax: Any, percents: list[float]) -> None:
+    """Ticks at the pruning percents the runs used, and limits just around them: a single percent
+    gets one tick instead of an axis of made-up tenths around it."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    values = sorted({round(p, 6) for p in percents if _finite(p)})
+    if not values:
+        return
+    span = values[-1] - values[0]
+    pad = max(0.08 * span, 2.5)
+    ax.set_xlim(values[0] - pad, values[-1] + pad)
+    ax.xaxis.set_major_locator(FixedLocator(values))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}%"))
 
 
 # -- what a run recorded -------------------------------------------------------------------------

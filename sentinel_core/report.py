@@ -27,6 +27,7 @@ from .plots import (
     load_summary,
     plot_comparison,
     plot_files,
+    plot_quality_cost,
     plot_run,
 )
 from .tracking import read_metrics
@@ -95,7 +96,8 @@ def write_report(run_dirs: Sequence[str | Path], path: str | Path) -> Path:
         comparison = None
         if len(runs) >= 2:
             comparison = _data_uri(plot_comparison(dirs, Path(scratch) / "comparison.png"))
-        page = _page(runs, comparison)
+        cost = _quality_cost_figure(dirs, Path(scratch) / "quality_cost.png")
+        page = _page(runs, comparison, cost)
     out = Path(path)
     write_text_atomic(out, page)
     os.chmod(out, 0o644)  # the atomic write's temp file is 0600; a report is meant to be shared
@@ -160,6 +162,13 @@ def _plot_elsewhere(run_dir: Path, scratch: Path) -> list[Path]:
     return plot_run(copy)
 
 
+def _quality_cost_figure(dirs: list[Path], path: Path) -> str | None:
+    try:
+        return _data_uri(plot_quality_cost(dirs, path))
+    except SentinelError:  # runs from before Sentinel recorded any cost: the section is left out
+        return None
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
@@ -167,7 +176,7 @@ def _data_uri(path: Path) -> str:
 # -- the page ------------------------------------------------------------------------------------
 
 
-def _page(runs: list[_Run], comparison: str | None) -> str:
+def _page(runs: list[_Run], comparison: str | None, cost: str | None = None) -> str:
     e = html.escape
     title = "Sentinel report: " + (runs[0].name if len(runs) == 1 else f"{len(runs)} runs")
     parts = [
@@ -184,6 +193,15 @@ def _page(runs: list[_Run], comparison: str | None) -> str:
         "<h2>Summary</h2>",
         _summary_table(runs),
     ]
+    if cost:
+        parts += ["<h2>Quality against cost</h2>",
+                  '<figure style="max-width: 1300px">',
+                  f'<img src="{cost}" alt="Quality against cost: one point per run, the unpruned baseline marked">',
+                  "<figcaption>Each run's final validation perplexity (and mean task accuracy, when every run scored "
+                  "lm-eval tasks) against its parameters, KV-cache bytes per token and forward tokens per second. "
+                  "The black star is the unpruned model. Speed error bars span the interleaved repeats; a hollow "
+                  "marker is an indicative single-pass speed.</figcaption>",
+                  "</figure>"]
     if comparison:
         parts += ["<h2>Strategy comparison</h2>",
                   '<figure style="max-width: 1100px">',
@@ -268,7 +286,7 @@ def _summary_table(runs: list[_Run]) -> str:
     out = ['<div class="scroll"><table class="summary"><thead><tr><th></th>']
     out += [f'<th title="{e(str(r.dir))}">{e(r.name)}</th>' for r in runs]
     out.append("</tr></thead><tbody>")
-    for group, rows in _ROWS:
+    for group, rows in _ROWS + _task_rows(runs):
         out.append(f'<tr class="group"><th colspan="{len(runs) + 1}">{e(group)}</th></tr>')
         for label, cell in rows:
             out.append(f"<tr><th>{e(label)}</th>")
@@ -315,8 +333,23 @@ def _percent(value: Any) -> tuple[str, str]:
 
 
 def _ratio(summary: dict[str, Any]) -> tuple[str, str]:
-    text, kind = _num(_get(summary, "speed", "ratio"), ".2f")
-    return (text if text == "–" else text + "x"), kind
+    """The speed ratio, saying how it was measured: the median and range of interleaved repeats,
+    or "indicative" for one evaluation pass of each model (what runs before the timed comparison,
+    or with speed_repeats=0, recorded)."""
+    speed = summary.get("speed") or {}
+    text, kind = _num(speed.get("ratio"), ".2f")
+    if text == "–":
+        return text, kind
+    spread = speed.get("ratio_range")
+    if speed.get("method") == "interleaved" and isinstance(spread, list) and len(spread) == 2:
+        return (f"{text}x ({spread[0]:.2f}–{spread[1]:.2f}, median of {speed.get('repeats')} interleaved "
+                "repeats)"), kind
+    return f"{text}x (indicative: one evaluation pass each)", kind
+
+
+def _bytes(value: Any) -> tuple[str, str]:
+    text, kind = _num(value, ",d")
+    return (text if text == "–" else f"{text} B"), kind
 
 
 def _seconds(summary: dict[str, Any]) -> tuple[str, str]:
@@ -373,9 +406,36 @@ _ROWS: list[tuple[str, list[tuple[str, Cell]]]] = [
         ("parameters after", lambda s: _num(_get(s, "parameters", "after", "total"), ",d")),
         ("attention parameters before", lambda s: _num(_get(s, "parameters", "before", "attention"), ",d")),
         ("attention parameters after", lambda s: _num(_get(s, "parameters", "after", "attention"), ",d")),
+        ("KV cache per token before", lambda s: _bytes(_get(s, "kv_cache", "bytes_per_token_before"))),
+        ("KV cache per token after", lambda s: _bytes(_get(s, "kv_cache", "bytes_per_token_after"))),
         ("tokens/s before", lambda s: _num(_get(s, "speed", "tokens_per_second_before"), ",.0f")),
         ("tokens/s after", lambda s: _num(_get(s, "speed", "tokens_per_second_after"), ",.0f")),
         ("speed ratio (after / before)", _ratio),
         ("time", _seconds),
     ]),
 ]
+
+
+def _task_rows(runs: list[_Run]) -> list[tuple[str, list[tuple[str, Cell]]]]:
+    """A "Task accuracy" group when any run scored lm-eval tasks: one row per task and metric,
+    each cell "before → after"."""
+    found: list[tuple[str, str]] = []
+    for run in runs:
+        for label in ("baseline", "final"):
+            for task, entry in (_get(run.summary, "tasks", label) or {}).items():
+                for metric in (entry or {}).get("metrics") or {}:
+                    if (task, metric) not in found:
+                        found.append((task, metric))
+    if not found:
+        return []
+
+    def cell(task: str, metric: str) -> Cell:
+        def read(summary: dict[str, Any]) -> tuple[str, str]:
+            before = _get(summary, "tasks", "baseline", task, "metrics", metric)
+            after = _get(summary, "tasks", "final", task, "metrics", metric)
+            if before is None and after is None:
+                return "–", "num"
+            return f"{_num(before, '.3f')[0]} → {_num(after, '.3f')[0]}", "num"
+        return read
+
+    return [("Task accuracy (lm-eval, before → after)", [(f"{t} {m}", cell(t, m)) for t, m in sorted(found)])]

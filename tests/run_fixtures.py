@@ -43,6 +43,13 @@ class RunSpec:
     stop_after: str | None = None
     extra_score_events: dict[str, list[list[float]]] = field(default_factory=dict)
     nan_score_heads: list[tuple[int, int]] = field(default_factory=list)
+    parameters_after: int = 100_000
+    kv_bytes_after: int = 1536
+    tokens_per_second_after: float = 6100.0
+    # False: the summary's speed is the single evaluation pass of each model (speed_repeats=0).
+    speed_interleaved: bool = True
+    # {"task": (accuracy before, accuracy after)}: lm-eval results in the summary when given.
+    task_accuracy: dict[str, tuple[float, float]] = field(default_factory=dict)
 
 
 def fixture_scores(spec: RunSpec) -> torch.Tensor:
@@ -151,7 +158,7 @@ def make_run(run_dir: Path, spec: RunSpec | None = None) -> dict[str, Any]:
         final = evaluation("final", spec.final_ppl, final_active)
         emit("sample", label="final", prompt="The", text=spec.sample_after)
         finish("final", 1.4, final=final, sample_after=spec.sample_after,
-               parameters_after={"total": 100_000, "attention": 30_000},
+               parameters_after={"total": spec.parameters_after, "attention": 30_000},
                heads_final={"per_layer": final_active, "total": sum(final_active), "grown": n_grow})
     finally:
         pm.unregister(tracker)
@@ -167,7 +174,9 @@ def make_run(run_dir: Path, spec: RunSpec | None = None) -> dict[str, Any]:
                   "removed_heads": results["removed"], "grown_heads": results.get("grown", {}),
                   "prune_mode": spec.prune_mode},
         "parameters": {"before": results["parameters_before"], "after": results["parameters_after"]},
-        "speed": {"tokens_per_second_before": 5000.0, "tokens_per_second_after": 6100.0, "ratio": 6100.0 / 5000.0},
+        "kv_cache": {"bytes_per_token_before": 2048, "bytes_per_token_after": spec.kv_bytes_after},
+        "speed": _speed(spec),
+        "tasks": _tasks(spec),
         "fine_tune": results.get("fine_tune"),
         "fine_tune_growth": results.get("fine_tune_growth"),
         "samples": {"before": spec.sample_before, "after": spec.sample_after},
@@ -179,6 +188,29 @@ def make_run(run_dir: Path, spec: RunSpec | None = None) -> dict[str, Any]:
     state["finished"] = True
     write_json_atomic(run_dir / "state.json", state)
     return _result(state, summary, removed, grown, scores)
+
+
+def _speed(spec: RunSpec) -> dict[str, Any]:
+    after = spec.tokens_per_second_after
+    single = {"tokens_per_second_before": 5000.0, "tokens_per_second_after": after, "ratio": after / 5000.0}
+    if not spec.speed_interleaved:
+        return {**single, "method": "single-pass", "indicative": True}
+    return {"method": "interleaved", "indicative": False, "repeats": 5, "ratio": after / 5000.0,
+            "ratio_range": [0.96 * after / 5000.0, 1.03 * after / 5000.0], "tokens_per_second_before": 5000.0,
+            "tokens_per_second_after": after, "tokens_per_second_before_range": [4900.0, 5100.0],
+            "tokens_per_second_after_range": [0.97 * after, 1.02 * after], "single_pass": single}
+
+
+def _tasks(spec: RunSpec) -> dict[str, Any] | None:
+    if not spec.task_accuracy:
+        return None
+
+    def entries(index: int) -> dict[str, Any]:
+        return {task: {"metrics": {"acc": pair[index]}, "stderr": {"acc": 0.01}, "samples": 100, "num_fewshot": 0}
+                for task, pair in spec.task_accuracy.items()}
+
+    return {"baseline": entries(0), "final": entries(1), "num_fewshot": None, "limit": None,
+            "lm_eval_version": "0.4.13"}
 
 
 def _result(state, summary, removed, grown, scores) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from sentinel_core.plots import (
     _training_curves,
     plot_comparison,
     plot_files,
+    plot_quality_cost,
     plot_run,
 )
 from sentinel_core.tracking import read_metrics
@@ -216,6 +217,54 @@ def test_comparison_plot(tmp_path):
     # Matplotlib's default first two line colours: one line per scorer.
     assert colour_pixels(rgb, "#1f77b4", radius=1) > 50 and colour_pixels(rgb, "#ff7f0e", radius=1) > 50
     assert colour_pixels(rgb, "#2ca02c", radius=1) == 0  # no third series
+
+
+def test_the_percent_axis_fits_the_runs_percents():
+    from sentinel_core.plots import _figure, _fit_percent_axis
+
+    ax = _figure(4, 3).subplots()
+    ax.plot([30, 30, 30], [1, 2, 3])
+    _fit_percent_axis(ax, [30.0, 30.0, 30.0])
+    assert ax.get_xlim() == (27.5, 32.5) and list(ax.get_xticks()) == [30.0]
+    assert ax.xaxis.get_major_formatter()(30.0, 0) == "30%"
+    _fit_percent_axis(ax, [10.0, 30.0, 50.0])
+    assert ax.get_xlim() == pytest.approx((6.8, 53.2)) and list(ax.get_xticks()) == [10.0, 30.0, 50.0]
+
+
+def test_quality_cost_plot(tmp_path):
+    dirs = []
+    for name, spec in (("entropy-25", RunSpec()),
+                       ("entropy-50", RunSpec(pruning_percent=0.5, final_ppl=55.0, parameters_after=90_000,
+                                              kv_bytes_after=1024, tokens_per_second_after=7000.0)),
+                       ("random-25", RunSpec(scorer="random", final_ppl=47.0, speed_interleaved=False))):
+        make_run(tmp_path / name, spec)
+        dirs.append(tmp_path / name)
+    rgb = assert_png(plot_quality_cost(dirs, tmp_path / "cost.png"))
+    assert rgb.shape[1] > 2 * rgb.shape[0]  # three cost panels side by side, one quality row
+    assert colour_pixels(rgb, "#1f77b4", radius=2) > 20 and colour_pixels(rgb, "#ff7f0e", radius=1) > 5
+    assert colour_pixels(rgb, "#000000", radius=1) > 40  # the unpruned stars (text is too thin to count)
+    with_tasks = []
+    for name, acc in (("a", (0.6, 0.55)), ("b", (0.6, 0.5))):
+        make_run(tmp_path / name, RunSpec(task_accuracy={"piqa": acc}))
+        with_tasks.append(tmp_path / name)
+    taller = assert_png(plot_quality_cost(with_tasks, tmp_path / "cost-tasks.png"))
+    assert taller.shape[0] > 1.6 * rgb.shape[0]  # a second row: task accuracy
+
+
+def test_quality_cost_points_come_from_the_summaries(tmp_path):
+    from sentinel_core.plots import _baselines, _cost_point, load_summary
+
+    make_run(tmp_path / "a", RunSpec(task_accuracy={"piqa": (0.6, 0.5), "arc": (0.4, 0.3)}))
+    make_run(tmp_path / "b", RunSpec(speed_interleaved=False, tokens_per_second_after=5500.0))
+    a, b = (_cost_point(load_summary(tmp_path / n), tmp_path / n) for n in "ab")
+    assert a["after"] == {"parameters": 100_000, "kv_bytes": 1536, "tokens_per_second": 6100.0, "perplexity": 42.5,
+                          "accuracy": pytest.approx(0.4)}
+    assert a["before"]["accuracy"] == pytest.approx(0.5) and a["before"]["kv_bytes"] == 2048
+    assert a["after_range"]["tokens_per_second"] == pytest.approx([0.97 * 6100, 1.02 * 6100])
+    assert not a["indicative_speed"] and b["indicative_speed"] and b["after"]["accuracy"] is None
+    # Both runs prune the same model: one baseline point.
+    assert _baselines([a, b]) == [{"parameters": 120_000, "kv_bytes": 2048, "tokens_per_second": 5000.0,
+                                   "perplexity": 40.0, "accuracy": 0.5}]
 
 
 def test_comparison_refuses_unfinished_runs(tmp_path):

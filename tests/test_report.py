@@ -163,14 +163,19 @@ def test_single_run_report(tmp_path):
         ("Size and speed", "parameters after"): "100,000",
         ("Size and speed", "tokens/s before"): "5,000",
         ("Size and speed", "tokens/s after"): "6,100",
-        ("Size and speed", "speed ratio (after / before)"): "1.22x",
+        ("Size and speed", "speed ratio (after / before)"): "1.22x (1.17–1.26, median of 5 interleaved repeats)",
+        ("Size and speed", "KV cache per token before"): "2,048 B",
+        ("Size and speed", "KV cache per token after"): "1,536 B",
         ("Size and speed", "time"): f"{sum(made['state']['timings'].values()):.1f} s",
     }
     for key, value in expected.items():
         assert rows[key] == [value], key
     assert rows[("Setup", "model")] == ["tiny-gpt2"]
-    # Every plot is embedded, byte for byte; no comparison for a single run.
-    assert decoded_images(page) == [p.read_bytes() for p in plots]
+    # The quality-against-cost figure, then every plot embedded byte for byte; no comparison for a single run.
+    images = decoded_images(page)
+    assert images[1:] == [p.read_bytes() for p in plots]
+    assert [image["alt"] for image in page.images][0].startswith("Quality against cost")
+    assert not any(("Task accuracy" in group) for group, _label in rows), "no run scored tasks"
     # Samples are text, never markup: the <b> in the fixture sample arrives as characters.
     text = "".join(page.text)
     assert summary["samples"]["before"][len("The"):] in text and summary["samples"]["after"] in text
@@ -195,11 +200,12 @@ def test_several_runs_side_by_side(tmp_path, plotted):
     images = decoded_images(page)
     run_plots = [p for d in dirs for p in plot_files(d)]
     assert len(run_plots) == 9 and all(p.is_file() for p in run_plots)
-    assert len(images) == len(run_plots) + 1  # plus the strategy comparison
+    assert len(images) == len(run_plots) + 2  # plus quality against cost, and the strategy comparison
     assert sum(1 for image in page.images if "pruning percent" in (image["alt"] or "")) == 1
-    # The comparison comes first; then every run's plots, each exactly once.
-    assert images[0] not in {p.read_bytes() for p in run_plots}
-    assert sorted(images[1:]) == sorted(p.read_bytes() for p in run_plots)
+    assert sum(1 for image in page.images if "Quality against cost" in (image["alt"] or "")) == 1
+    # The two cross-run figures come first; then every run's plots, each exactly once.
+    assert not {images[0], images[1]} & {p.read_bytes() for p in run_plots}
+    assert sorted(images[2:]) == sorted(p.read_bytes() for p in run_plots)
     samples = page.tables[-1]
     assert samples[0][1] == ["", "a/run", "b/run", "random-50"]
     assert "script" not in page.tags and "The <script>alert('x')</script> end" in "".join(page.text)
@@ -211,7 +217,7 @@ def test_existing_plots_are_used_as_they_are(tmp_path, monkeypatch, plotted):
 
     monkeypatch.setattr(report_module, "plot_run", refuse)
     page = parse(write_report([plotted["entropy-50"]], tmp_path / "r.html"))
-    assert decoded_images(page) == [p.read_bytes() for p in plot_files(plotted["entropy-50"])]
+    assert decoded_images(page)[1:] == [p.read_bytes() for p in plot_files(plotted["entropy-50"])]
 
 
 def test_a_read_only_run_folder_is_plotted_elsewhere(tmp_path, monkeypatch):
@@ -226,8 +232,36 @@ def test_a_read_only_run_folder_is_plotted_elsewhere(tmp_path, monkeypatch):
 
     monkeypatch.setattr(report_module, "plot_run", read_only)
     page = parse(write_report([run_dir], tmp_path / "r.html"))
-    assert len(decoded_images(page)) == 3
+    assert len(decoded_images(page)) == 4  # three plots and quality against cost
     assert plot_files(run_dir) == []
+
+
+def test_speed_says_how_it_was_measured_and_tasks_get_rows(tmp_path):
+    measured = make_run(tmp_path / "measured", RunSpec(task_accuracy={"piqa": (0.625, 0.6), "arc_easy": (0.5, 0.25)}))
+    single = make_run(tmp_path / "single", RunSpec(speed_interleaved=False, tokens_per_second_after=8950.0))
+    _, rows = summary_rows(parse(write_report([tmp_path / "measured", tmp_path / "single"], tmp_path / "r.html")))
+    low, high = measured["summary"]["speed"]["ratio_range"]
+    assert rows[("Size and speed", "speed ratio (after / before)")] == [
+        f"1.22x ({low:.2f}–{high:.2f}, median of 5 interleaved repeats)",
+        "1.79x (indicative: one evaluation pass each)"]
+    assert single["summary"]["speed"]["ratio"] == pytest.approx(1.79)
+    group = "Task accuracy (lm-eval, before → after)"
+    assert rows[(group, "arc_easy acc")] == ["0.500 → 0.250", "–"]
+    assert rows[(group, "piqa acc")] == ["0.625 → 0.600", "–"]
+
+
+def test_a_summary_from_before_the_speed_measurement_is_labelled_indicative(tmp_path):
+    import json
+
+    make_run(tmp_path / "old", RunSpec())
+    path = tmp_path / "old" / "summary.json"
+    summary = json.loads(path.read_text())
+    summary["speed"] = {"tokens_per_second_before": 5000.0, "tokens_per_second_after": 6100.0, "ratio": 1.22}
+    del summary["kv_cache"]
+    path.write_text(json.dumps(summary))
+    _, rows = summary_rows(parse(write_report([tmp_path / "old"], tmp_path / "r.html")))
+    assert rows[("Size and speed", "speed ratio (after / before)")] == ["1.22x (indicative: one evaluation pass each)"]
+    assert rows[("Size and speed", "KV cache per token after")] == ["–"]
 
 
 def test_unfinished_or_missing_runs_are_refused(tmp_path):
@@ -274,13 +308,13 @@ def test_report_renders_in_headless_chromium(tmp_path, plotted):
     shot = tmp_path / "shot.png"
     command = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,2600",
+               f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,3600",
                page.resolve().as_uri()]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and shot.is_file(), result.stderr[-2000:]
     assert shot.read_bytes()[:8] == PNG_SIGNATURE
     rgb = imread(shot)[..., :3]
-    assert rgb.shape[:2] == (2600, 1200)
+    assert rgb.shape[:2] == (3600, 1200)
     assert float(rgb.var()) > 1e-3
     # The loss plot's shaded fine_tune band and the head map's "alive" blue fill solid areas
     # only if the embedded PNGs were decoded and drawn.

@@ -38,7 +38,9 @@ def prune_command(model: str, data: str | None, scorer: str, pruning_percent: fl
     """Score the heads of MODEL, take away the least important ones and save the result to --output-dir."""
     from .. import plugins
     from ..config import ExperimentConfig
+    from ..evaluation import count_parameters
     from ..folders import check_model_folder, check_no_overlap
+    from ..kv_cache import kv_cache_bytes_per_token
     from ..model_io import save_model
     from ..surgery import get_head_map
 
@@ -53,10 +55,13 @@ def prune_command(model: str, data: str | None, scorer: str, pruning_percent: fl
     check_no_overlap(output_dir, {"model": model, "data": data}, what="--output-dir")
     loaded, tokenizer, calibration = load_for_scoring(config)
     before = get_head_map(loaded)
+    card = {"base_model": model, "calibration_data": data, "scorer": scorer,
+            "prune_strategy": prune_strategy, "pruning_percent": pruning_percent, "prune_mode": prune_mode,
+            "parameters_before": count_parameters(loaded), "kv_bytes_per_token_before": kv_cache_bytes_per_token(loaded)}
     scores = plugins.score_heads(scorer, model=loaded, batches=calibration, config=config)
     result = plugins.prune(prune_strategy, model=loaded, scores=scores, config=config)
     after = get_head_map(loaded)
-    save_model(loaded, tokenizer, output_dir, dense=export == "dense")
+    save_model(loaded, tokenizer, output_dir, dense=export == "dense", card=card)
     original = before.num_layers * before.original_num_heads
     active_before = sum(len(before.active(layer)) for layer in range(before.num_layers))
     active_after = sum(len(after.active(layer)) for layer in range(after.num_layers))
