@@ -93,6 +93,17 @@ def test_each_hooks_page_example_works(index, register_plugin, tmp_path, capsys)
             plugins.emit("fine_tune", 3, loss=2.5)
             assert "fine_tune 3 2.5" in capsys.readouterr().out
             exercised += 1
+        if isinstance(value, type) and hasattr(value, "on_run_start"):
+            register_plugin(value(), f"hooks-example-{index}-run-start")
+            plugins.notify("on_run_start", config=ExperimentConfig(scorer="random"), run_dir=tmp_path)
+            assert f"run in {tmp_path}: random at 30%" in capsys.readouterr().out
+            exercised += 1
+        if isinstance(value, type) and hasattr(value, "on_run_end"):
+            register_plugin(value(), f"hooks-example-{index}-run-end")
+            summary = {"perplexity": {"baseline": 20.0, "final": 21.5}, "heads": {"original": 8, "final": 6}}
+            plugins.notify("on_run_end", summary=summary, run_dir=tmp_path)
+            assert f"{tmp_path}: perplexity 21.50" in capsys.readouterr().out
+            exercised += 1
     assert exercised, f"docs/hooks.md example {index} was not exercised:\n{source}"
 
 
