@@ -86,6 +86,8 @@ class ExperimentConfig:
                               choices=PRUNE_MODES)
     min_heads_per_layer: int = setting(1, "Never leave a layer with fewer active heads.", section="pruning", minimum=0)
     calibration_batches: int = setting(8, "Batches of training text the scorer sees.", section="pruning", minimum=1)
+    prune_rounds: int = setting(1, "Reach the target in N equal pruning steps, each scored afresh and followed by "
+                                   "1/N of the fine-tuning steps.", section="pruning", minimum=1)
 
     # -- fine-tuning
     fine_tune: str = setting("plain", "Fine-tuning strategy (see `sentinel plugins`).", section="fine-tuning")
@@ -108,6 +110,15 @@ class ExperimentConfig:
                                     minimum=1)
     mixed_precision: str = setting("auto", "auto: bf16 (or fp16) on GPUs, none on the CPU.", section="fine-tuning",
                                    choices=MIXED_PRECISION)
+    lora_rank: int = setting(0, "Train LoRA adapters of this rank (merged at the end of each stage); 0 trains "
+                                "every weight.", section="fine-tuning", minimum=0)
+    lora_alpha: float | None = setting(None, "LoRA scaling numerator (the update is alpha / rank x B A).",
+                                       section="fine-tuning", minimum=0.0, min_exclusive=True,
+                                       default_text="2 x lora_rank")
+    lora_target_modules: str = setting("attention,mlp", "What LoRA adapts: attention, mlp, or module names "
+                                                        "(q_proj,v_proj).", section="fine-tuning")
+    lora_dropout: float = setting(0.0, "Dropout on the LoRA branch's input.", section="fine-tuning", minimum=0.0,
+                                  maximum=1.0, max_exclusive=True)
 
     # -- growth
     growth_strategy: str | None = setting(None, "Where to grow heads back (see `sentinel plugins`).",

@@ -23,8 +23,9 @@ from .run_files import FINAL_MODEL_DIR, RUN_CONFIG_FILE, RUN_STATE_FILE, RUN_SUM
 from .run_lock import RunLock
 from .tracking import ProgressTracker
 
-# Stages that change the model end with a checkpoint in checkpoints/<stage>.
-_MODEL_STAGES = ("prune", "fine_tune", "grow", "fine_tune_growth")
+# Stages that change the model (and their rounds, e.g. prune_round2) end with a checkpoint in
+# checkpoints/<stage>.
+_MODEL_STAGES = ("prune", "fine_tune", "grow")
 
 
 def run_experiment(config: ExperimentConfig) -> tuple[Any, Any, dict[str, Any]]:
@@ -137,7 +138,7 @@ class _Run:
         self.state["results"].update(results)
         self.timings[stage] = round(seconds, 3)
         self.state["timings"] = self.timings
-        if stage in _MODEL_STAGES:
+        if stage.startswith(_MODEL_STAGES):
             from .model_io import save_model
 
             save_model(self.model, self.tokenizer, self.output_dir / STAGE_CHECKPOINTS_DIR / stage)
@@ -171,7 +172,6 @@ class _Run:
 
     def _stages(self) -> tuple[Any, Any, dict[str, Any]]:
         c = self.config  # _load may have filled in the demo model's settings
-        results = self.state["results"]
 
         if not self._done("baseline"):
             start = time.perf_counter()
@@ -182,29 +182,8 @@ class _Run:
                          parameters_before=self._parameters(), heads_original=self._head_counts(),
                          kv_cache_before=kv_cache_bytes_per_token(self.model), tasks_baseline=tasks)
 
-        if not self._done("score"):
-            start = time.perf_counter()
-            scores = plugins.score_heads(c.scorer, model=self.model, batches=self._calibration_batches(), config=c)
-            emit("score", strategy=c.scorer, scores=scores.scores, tokens_seen=scores.tokens_seen,
-                 seconds=scores.seconds)
-            self._finish("score", time.perf_counter() - start, scores=scores.to_dict())
-
-        if not self._done("prune"):
-            start = time.perf_counter()
-            scores = _scores_from_dict(results["scores"])
-            pruned = plugins.prune(c.prune_strategy, model=self.model, scores=scores, config=c)
-            self.model.to(self.device)
-            emit("prune", heads_removed=pruned.count, mode=pruned.mode, heads_active=self._heads_active())
-            after = self._evaluate("pruned")
-            self._finish("prune", time.perf_counter() - start, pruned=after,
-                         removed={str(k): v for k, v in pruned.heads.items()}, prune_mode=pruned.mode)
-
-        if not self._done("fine_tune"):
-            start = time.perf_counter()
-            tuned = plugins.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
-                                      config=c, stage="fine_tune", **self._fine_tune_context())
-            self._finish("fine_tune", time.perf_counter() - start, fine_tune={"steps": tuned.steps,
-                                                                              "best_eval_loss": tuned.best_eval_loss})
+        for round_ in range(1, c.prune_rounds + 1):
+            self._prune_round(round_)
 
         if c.growth_strategy and c.growth_percent > 0:
             if not self._done("grow"):
@@ -262,6 +241,67 @@ class _Run:
         check_model_inputs(self.model, self.tokenizer, model_source, c.block_size)
         self.data = load_data(resolve_data(data_source), self.tokenizer, block_size=c.block_size, seed=c.seed)
         self.state.setdefault("sources", {"model": model_source, "data": data_source})
+
+    def _prune_round(self, round_: int) -> None:
+        """Score, prune to ``round_ / prune_rounds`` of the target, and recover with that round's
+        share of the fine-tuning steps. One round (the default) is one-shot pruning."""
+        c = self.config
+        rounds = c.prune_rounds
+        suffix = "" if round_ == 1 else f"_round{round_}"
+        target = c.pruning_percent * round_ / rounds
+        results = self.state["results"]
+        if not self._done("score" + suffix):
+            start = time.perf_counter()
+            scores = plugins.score_heads(c.scorer, model=self.model, batches=self._calibration_batches(), config=c)
+            emit("score", strategy=c.scorer, scores=scores.scores, tokens_seen=scores.tokens_seen,
+                 seconds=scores.seconds, round=round_)
+            self._finish("score" + suffix, time.perf_counter() - start, scores=scores.to_dict())
+
+        if not self._done("prune" + suffix):
+            start = time.perf_counter()
+            scores = _scores_from_dict(results["scores"])
+            pruned = plugins.prune(c.prune_strategy, model=self.model, scores=scores,
+                                   config=c.replace(pruning_percent=target))
+            self.model.to(self.device)
+            emit("prune", heads_removed=pruned.count, mode=pruned.mode, heads_active=self._heads_active(),
+                 round=round_, rounds=rounds, pruning_percent=target)
+            after = self._evaluate("pruned" if round_ == rounds else f"pruned_round{round_}")
+            removed = {str(k): sorted(set(results.get("removed", {}).get(str(k), [])) | set(v))
+                       for k, v in pruned.heads.items()}
+            self._finish("prune" + suffix, time.perf_counter() - start, pruned=after,
+                         removed={**results.get("removed", {}), **removed}, prune_mode=pruned.mode,
+                         rounds=[*results.get("rounds", [])[: round_ - 1],
+                                 {"round": round_, "pruning_percent": target, "heads_removed": pruned.count,
+                                  "perplexity_pruned": after["perplexity"]}])
+
+        stage = "fine_tune" + suffix
+        if not self._done(stage):
+            start = time.perf_counter()
+            steps = self._round_steps(round_)
+            # Each round trains on a fresh order of the data, not the first round's batches again.
+            round_config = c if rounds == 1 else c.replace(max_steps=steps, seed=c.seed + round_ - 1)
+            tuned = plugins.fine_tune(c.fine_tune, model=self.model, tokenizer=self.tokenizer, data=self.data,
+                                      config=round_config, stage=stage, **self._fine_tune_context())
+            record = {"steps": tuned.steps, "best_eval_loss": tuned.best_eval_loss}
+            rounds_done = [dict(item) for item in results.get("rounds", [])]
+            if rounds_done:
+                rounds_done[-1]["fine_tune"] = record
+            totals = results.get("fine_tune") or {"steps": 0}
+            self._finish(stage, time.perf_counter() - start, rounds=rounds_done,
+                         fine_tune={"steps": (totals["steps"] if round_ > 1 else 0) + tuned.steps,
+                                    "best_eval_loss": tuned.best_eval_loss})
+
+    def _round_steps(self, round_: int) -> int:
+        """Round ``round_``'s share of the steps one-shot fine-tuning would take (the shares add up)."""
+        import os
+
+        c = self.config
+        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        per_epoch = int(self.data.train.blocks.shape[0]) // (c.batch_size * c.gradient_accumulation_steps * world)
+        total = c.num_epochs * per_epoch
+        total = min(total, c.max_steps) if c.max_steps else total
+        steps = total * round_ // c.prune_rounds - total * (round_ - 1) // c.prune_rounds
+        return max(1, steps)
 
     def _fine_tune_context(self) -> dict[str, Any]:
         """What a fine-tuner may use besides the model: the model before pruning, the run folder."""
@@ -344,6 +384,7 @@ class _Run:
             "speed": run_measures.speed_summary(r),
             "tasks": run_measures.tasks_summary(r),
             "fine_tune": r.get("fine_tune"),
+            "prune_rounds": r.get("rounds"),
             "fine_tune_growth": r.get("fine_tune_growth"),
             "samples": {"before": r.get("sample_before"), "after": r.get("sample_after")},
             "timings_seconds": self.timings,

@@ -432,6 +432,12 @@ def _finite(value: Any) -> bool:
 # -- loss.png ------------------------------------------------------------------------------------
 
 
+def _is_training_stage(stage: Any) -> bool:
+    """fine_tune, its rounds (fine_tune_round2, ... under --prune-rounds) and fine_tune_growth."""
+    return isinstance(stage, str) and (stage in TRAINING_STAGES or (stage.startswith("fine_tune_round")
+                                                                    and stage[len("fine_tune_round"):].isdigit()))
+
+
 def _training_curves(run: _RunRecord) -> tuple[dict[str, dict[str, dict[int, float]]], dict[str, tuple[int, int]]]:
     """Per stage: curves (train loss, validation perplexity, learning rates) by global step,
     and each stage's [start, end] on the global axis."""
@@ -439,7 +445,7 @@ def _training_curves(run: _RunRecord) -> tuple[dict[str, dict[str, dict[int, flo
     for event in run.events:
         stage = event.get("stage")
         step = event.get("step")
-        if stage not in TRAINING_STAGES or not isinstance(step, int) or isinstance(step, bool):
+        if not _is_training_stage(stage) or not isinstance(step, int) or isinstance(step, bool):
             continue
         curves = per_stage.setdefault(stage, {})
         # A resumed stage re-runs the steps after its last checkpoint; the later value wins.
@@ -448,9 +454,10 @@ def _training_curves(run: _RunRecord) -> tuple[dict[str, dict[str, dict[int, flo
     spans: dict[str, tuple[int, int]] = {}
     offset = 0
     global_curves: dict[str, dict[str, dict[int, float]]] = {}
-    for stage in TRAINING_STAGES:
+    rounds = sorted((s for s in per_stage if s.startswith("fine_tune_round")), key=lambda s: int(s[len("fine_tune_round"):]))
+    for stage in (TRAINING_STAGES[0], *rounds, *TRAINING_STAGES[1:]):
         curves = per_stage.get(stage)
-        recorded = (run.results.get(stage) or {}).get("steps")
+        recorded = (run.results.get(stage) or {}).get("steps") if stage in TRAINING_STAGES and not rounds else None
         last = max((s for c in (curves or {}).values() for s in c), default=None)
         if curves is None and not recorded:
             continue

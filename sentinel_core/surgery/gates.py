@@ -70,3 +70,26 @@ def restore(proj: nn.Module, saved: tuple[torch.Tensor, bool]) -> None:
     """Undo :func:`swap_in_leaf`."""
     proj._buffers[GATE_BUFFER] = saved[0]
     setattr(proj, _ACTIVE_FLAG, saved[1])
+
+
+def detach_gate(proj: nn.Module) -> tuple[torch.Tensor, bool] | None:
+    """Take the gate off ``proj`` (buffer and hook); returns ``(values, active)`` or None.
+
+    For wrapping a projection in another module (a LoRA layer): the gate must then sit on the
+    wrapper, in front of both the wrapped layer and the adapter's branch.
+    """
+    if not has_gate(proj):
+        return None
+    values, active = proj._buffers.pop(GATE_BUFFER), getattr(proj, _ACTIVE_FLAG, False)
+    for key, hook in list(proj._forward_pre_hooks.items()):
+        if hook is _gate_pre_hook:
+            del proj._forward_pre_hooks[key]
+    if hasattr(proj, _ACTIVE_FLAG):
+        delattr(proj, _ACTIVE_FLAG)
+    return values.detach().float().cpu(), active
+
+
+def attach_gate(proj: nn.Module, detached: tuple[torch.Tensor, bool] | None) -> None:
+    """Put a gate taken by :func:`detach_gate` on ``proj``."""
+    if detached is not None:
+        write_gate(proj, detached[0])

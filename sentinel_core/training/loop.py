@@ -22,6 +22,7 @@ from ..results import FineTuneResult
 from ..run_files import RUN_CONFIG_FILE
 from . import checkpoints as ckpt
 from .callbacks import CallbackList, TrainerCallback, TrainingContext
+from .lora import lora_callback
 from .losses import LossFn, causal_lm_loss, counted_tokens, lm_loss
 from .schedule import cosine_schedule
 from .setup import LrMultiplier, build_groups, check_stage, loop_options, make_accelerator, optimizer_groups
@@ -82,8 +83,9 @@ class _Trainer:
         if select_on == "eval_objective" and loss_fn is None:
             raise SentinelError("select_on='eval_objective' needs a loss_fn; the default loss's objective is eval_loss")
         self.select_on = select_on
-        self.callbacks = CallbackList([*callbacks, *collect_training_callbacks(model=model, config=config,
-                                                                                stage=stage)])
+        # LoRA first: it wraps first and merges last, around whatever the others do.
+        self.callbacks = CallbackList([*lora_callback(config), *callbacks,
+                                       *collect_training_callbacks(model=model, config=config, stage=stage)])
 
         blocks = data.train.blocks
         if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[1] < 2:
