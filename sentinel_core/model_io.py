@@ -17,6 +17,7 @@ original shapes, with removed and masked heads zeroed.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ def _save_extras(model: nn.Module, tokenizer: Any, directory: Path) -> None:
 
 
 def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, dense: bool = False,
-               card: dict[str, Any] | None = None) -> Path:
+               card: dict[str, Any] | None = None, max_shard_size: int | str = "5GB") -> Path:
     """Save ``model`` (and ``tokenizer``, which may be None) to the directory ``path``, atomically.
 
     ``dense=False`` writes a Sentinel checkpoint (compact shapes, head map, gates), opened with
@@ -116,10 +117,9 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, den
     transformers checkpoint in the original shapes with removed and masked heads zeroed; it
     raises SentinelError if grown heads are active. ``card``, when given, holds the facts for a
     README.md model card (see :mod:`sentinel_core.model_card`), written into the same folder.
-    Returns the directory.
+    Weights larger than ``max_shard_size`` (``"5GB"``, or bytes) are split into shards with an
+    index, as ``save_pretrained`` does. Returns the directory.
     """
-    from safetensors.torch import save_model as save_safetensors
-
     from sentinel_core.surgery import CONFIG_KEY, dense_state_dict, get_head_map
 
     target = Path(path)
@@ -152,7 +152,7 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, den
             getattr(model, "generation_config", dense_model.generation_config)
         )
         with atomic_directory(target) as tmp:
-            dense_model.save_pretrained(tmp)
+            dense_model.save_pretrained(tmp, max_shard_size=max_shard_size)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if card is not None:
@@ -176,15 +176,68 @@ def save_model(model: nn.Module, tokenizer: Any, path: str | os.PathLike, *, den
     )
     with atomic_directory(target) as tmp:
         config.save_pretrained(tmp)
-        save_safetensors(
-            model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "sentinel_format": str(MODEL_FORMAT_VERSION)}
-        )
+        write_weights(tmp, model.state_dict(), max_shard_size=max_shard_size)
         _save_extras(model, tokenizer, tmp)
         if card is not None:
             from sentinel_core.model_card import write_model_card
 
             write_model_card(tmp, model, card, path=target)
     return target
+
+
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+
+
+def write_weights(directory: Path, state: dict[str, torch.Tensor], *, max_shard_size: int | str = "5GB") -> list[str]:
+    """Write a model's tensors as ``sentinel.safetensors``, or as shards
+    ``sentinel-00001-of-0000N.safetensors`` plus ``sentinel.safetensors.index.json`` (the layout
+    ``save_pretrained`` uses) when they exceed ``max_shard_size``. Tied tensors are stored once and
+    recorded as aliases. Returns the file names written."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+
+    from sentinel_core.tensor_io import ALIASES_KEY, save_tensors, unique_tensors
+
+    tensors, aliases = unique_tensors(state)
+    split = split_torch_state_dict_into_shards(tensors, filename_pattern="sentinel{suffix}.safetensors",
+                                               max_shard_size=max_shard_size)
+    meta = {"format": "pt", "sentinel_format": str(MODEL_FORMAT_VERSION)}
+    if not split.is_sharded:
+        save_tensors(directory / WEIGHTS_NAME, state, metadata=meta)
+        return [WEIGHTS_NAME]
+    for filename, names in split.filename_to_tensors.items():
+        save_tensors(directory / filename, {name: tensors[name] for name in names}, metadata=meta)
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values()),
+                          ALIASES_KEY: aliases, "sentinel_format": MODEL_FORMAT_VERSION},
+             "weight_map": dict(sorted(split.tensor_to_filename.items()))}
+    (directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    return [*split.filename_to_tensors, INDEX_NAME]
+
+
+def has_weights(directory: Path) -> bool:
+    """Whether ``directory`` holds Sentinel weights (one file or an index of shards)."""
+    return (directory / WEIGHTS_NAME).is_file() or (directory / INDEX_NAME).is_file()
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The tensors :func:`write_weights` wrote (aliases restored), on the CPU."""
+    from sentinel_core.tensor_io import ALIASES_KEY, load_tensors
+
+    try:
+        if (directory / INDEX_NAME).is_file():
+            index = json.loads((directory / INDEX_NAME).read_text(encoding="utf-8"))
+            state: dict[str, torch.Tensor] = {}
+            for filename in sorted(set(index["weight_map"].values())):
+                state.update(load_tensors(directory / filename))
+            for alias, name in (index.get("metadata", {}).get(ALIASES_KEY) or {}).items():
+                state[alias] = state[name]
+            return state
+        return load_tensors(directory / WEIGHTS_NAME)
+    except SafetensorError as exc:
+        raise SentinelError(f"the weights in {str(directory)!r} are unreadable ({_first_line(exc)}); a file is "
+                            "truncated or not safetensors") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise SentinelError(f"the weights in {str(directory)!r} are incomplete ({_first_line(exc)}); "
+                            "copy the folder again") from None
 
 
 # ---------------------------------------------------------------- loading
@@ -216,7 +269,15 @@ def _load_sentinel(
     attn_implementation: str | None,
     trust_remote_code: bool,
 ) -> nn.Module:
-    from safetensors.torch import load_model as load_safetensors
+    """Build the compact model without random weights, then put the saved tensors in.
+
+    Parameters are created on the meta device (``init_empty_weights``: no memory, no random
+    initialisation), reshaped by the head map, and then take the loaded tensors themselves
+    (``assign``), so loading costs about the size of the weights once. Buffers (rotary
+    frequencies) are built normally; the head gates, which live on the meta-device projections
+    until then, are rebuilt from the head map at the end.
+    """
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sentinel_core.surgery import CONFIG_KEY, HeadMap, apply_head_map
@@ -232,36 +293,61 @@ def _load_sentinel(
     if head_map_data is None:
         raise SentinelError(f"{str(directory)!r} has {WEIGHTS_NAME} but its config.json lacks {CONFIG_KEY}")
     head_map = HeadMap.from_dict(head_map_data)
-    model = AutoModelForCausalLM.from_config(
-        config,
-        dtype=dtype or _parse_dtype(record.get("dtype", "float32")),
-        attn_implementation=attn_implementation or record.get("attn_implementation"),
-        trust_remote_code=trust_remote_code,
-    )
+    stored = _parse_dtype(record.get("dtype", "float32"))
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(
+            config,
+            dtype=dtype or stored,
+            attn_implementation=attn_implementation or record.get("attn_implementation"),
+            trust_remote_code=trust_remote_code,
+        )
     if hasattr(model.config, FORMAT_KEY):
         delattr(model.config, FORMAT_KEY)  # describes the files, not the live model
     apply_head_map(model, head_map)
     if dtype is None:
         _restore_buffer_dtypes(model, record.get("buffer_dtypes") or {})
+    state = read_weights(directory)
+    if dtype is not None and dtype != stored:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if unexpected:
+        raise SentinelError(f"{str(directory)!r}: the weights file does not match its config: unexpected "
+                            f"{unexpected[:3]}")
     try:
-        missing, unexpected = load_safetensors(model, str(directory / WEIGHTS_NAME), strict=False)
-    except SafetensorError as exc:
-        raise SentinelError(f"{str(directory / WEIGHTS_NAME)!r} is unreadable ({_first_line(exc)}); the file is "
-                            "truncated or not safetensors") from None
+        model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:
-        raise SentinelError(
-            f"{str(directory / WEIGHTS_NAME)!r} does not match its head map ({str(exc).splitlines()[0]})"
-        ) from None
-    if missing or unexpected:
-        raise SentinelError(
-            f"{str(directory / WEIGHTS_NAME)!r} does not match its config: missing {sorted(missing)[:3]}, "
-            f"unexpected {sorted(unexpected)[:3]}"
-        )
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
+        raise SentinelError(f"{str(directory)!r}: the weights file does not match its head map ({detail[:200]})") \
+            from None
+    # Tied weights (GPT-2's lm_head and wte) are one tensor in the file; assign made two
+    # parameters of it, and a file without aliases left one missing: tie them again.
+    model.tie_weights()
+    if missing:
+        still = [name for name, t in model.state_dict().items() if t.is_meta]
+        if still:
+            raise SentinelError(f"{str(directory)!r}: the weights file does not match its config: missing {still[:3]}")
+    _rebuild_gates(model, head_map)
     if (directory / "generation_config.json").exists():
         from transformers import GenerationConfig
 
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model
+
+
+def _rebuild_gates(model: nn.Module, head_map: Any) -> None:
+    """Head gates from the head map (0 for masked heads and dead slots), on the weights' devices."""
+    from sentinel_core.surgery import gates, get_adapter
+
+    adapter = get_adapter(model)
+    for layer, attn in enumerate(adapter.attention_modules()):
+        slots = head_map.layers[layer]
+        masked = set(head_map.masked_ids[layer])
+        values = torch.tensor([0.0 if i is None or i in masked else 1.0 for i in slots])
+        proj = adapter.output_projection(attn)
+        if gates.has_gate(proj) or bool((values != 1).any()):
+            gates.write_gate(proj, values)
 
 
 def _dense_record(directory: Path) -> dict[str, Any]:
@@ -397,7 +483,7 @@ def load_model(
             raise SentinelError(
                 f"{name!r} has no config.json; give a directory written by save_model or save_pretrained"
             )
-        if (directory / WEIGHTS_NAME).exists():
+        if has_weights(directory):
             model = _load_sentinel(directory, dtype, attn_implementation, trust_remote_code)
         elif "sentinel_head_map" in (directory / "config.json").read_text(encoding="utf-8"):
             raise SentinelError(

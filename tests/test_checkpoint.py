@@ -171,3 +171,29 @@ def test_save_pretrained_of_an_operated_model_is_refused(tmp_path: Path) -> None
     model.save_pretrained(tmp_path / "hf")  # config carries the head map, weights lack the gates
     with pytest.raises(SentinelError, match="save_model"):
         load_model(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2, tiny_llama])
+def test_sharded_weights_with_an_index_reload_bit_identically(tmp_path: Path, build) -> None:
+    model, x = build(), inputs()
+    prune_heads(model, {0: [1], 1: [0, 3]})
+    save_model(model, None, tmp_path / "sharded", max_shard_size=20_000)
+    files = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    shards = [f for f in files if f.startswith("sentinel-") and f.endswith(".safetensors")]
+    assert len(shards) > 1 and "sentinel.safetensors.index.json" in files and "sentinel.safetensors" not in files
+    index = json.loads((tmp_path / "sharded" / "sentinel.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    reloaded, _ = load_model(tmp_path / "sharded")
+    assert torch.equal(logits(reloaded, x), logits(model, x))
+    (tmp_path / "sharded" / shards[-1]).unlink()
+    with pytest.raises(SentinelError, match="incomplete"):
+        load_model(tmp_path / "sharded")
+
+
+def test_tied_weights_come_back_tied(tmp_path: Path) -> None:
+    model = tiny_gpt2()
+    save_model(model, None, tmp_path / "m")
+    reloaded, _ = load_model(tmp_path / "m")
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight
+    assert sum(p.numel() for p in reloaded.parameters()) == sum(p.numel() for p in model.parameters())
+    assert not any(t.is_meta for t in (*reloaded.parameters(), *reloaded.buffers()))

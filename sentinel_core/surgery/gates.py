@@ -27,6 +27,13 @@ def _gate_pre_hook(proj: nn.Module, args: tuple) -> tuple | None:
     return (gated, *args[1:])
 
 
+def _gate_device(proj: nn.Module) -> torch.device:
+    # Where the projection's weights are; the CPU while they are still on the meta device (a
+    # model being loaded), so the gate keeps its values.
+    weight = next(proj.parameters())
+    return torch.device("cpu") if weight.is_meta else weight.device
+
+
 def has_gate(proj: nn.Module) -> bool:
     """True when ``proj`` carries a Sentinel gate."""
     return GATE_BUFFER in proj._buffers
@@ -35,8 +42,7 @@ def has_gate(proj: nn.Module) -> bool:
 def ensure_gate(proj: nn.Module, num_slots: int) -> torch.Tensor:
     """Install (once) the gate buffer and hook on ``proj``; returns the gate."""
     if not has_gate(proj):
-        weight = next(proj.parameters())
-        proj.register_buffer(GATE_BUFFER, torch.ones(num_slots, device=weight.device), persistent=False)
+        proj.register_buffer(GATE_BUFFER, torch.ones(num_slots, device=_gate_device(proj)), persistent=False)
         proj.register_forward_pre_hook(_gate_pre_hook)
         setattr(proj, _ACTIVE_FLAG, False)
     return getattr(proj, GATE_BUFFER)
@@ -52,8 +58,7 @@ def read_gate(proj: nn.Module, num_slots: int) -> torch.Tensor:
 def write_gate(proj: nn.Module, values: torch.Tensor) -> None:
     """Set the gate to ``values`` (one per slot) and switch the hook on only if it changes anything."""
     ensure_gate(proj, values.shape[0])
-    weight = next(proj.parameters())
-    proj._buffers[GATE_BUFFER] = values.detach().to(device=weight.device, dtype=torch.float32).clone()
+    proj._buffers[GATE_BUFFER] = values.detach().to(device=_gate_device(proj), dtype=torch.float32).clone()
     # An all-ones gate is skipped so that an unmasked model runs the stock forward bit for bit.
     setattr(proj, _ACTIVE_FLAG, bool((values != 1).any()))
 

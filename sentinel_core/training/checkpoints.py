@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from ..fileio import write_json_atomic
+from ..tensor_io import all_finite, cpu_state_copy, load_tensors, save_tensors
+
+__all__ = ["all_finite", "cpu_state_copy", "load_tensors", "save_tensors"]  # used through this module too
 from ..folders import swap_into_place
 
 # 2: the loop's record is trainer_state.json (it was state.json, the name of the run's own record).
@@ -46,7 +47,6 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 OPTIMIZER_JSON = "optimizer.json"
 FINAL = "final"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-_ALIASES_KEY = "sentinel_aliases"
 
 
 def stage_dir(output_dir: str | os.PathLike, stage: str) -> Path:
@@ -59,72 +59,6 @@ def step_dir_name(step: int) -> str:
 
 
 # -- tensors ---------------------------------------------------------------------------------
-
-
-def _storage_key(t: torch.Tensor) -> tuple | None:
-    if t.numel() == 0:  # empty tensors may all report the same address: never alias them
-        return None
-    return (t.device.type, t.device.index, t.untyped_storage().data_ptr(), t.storage_offset(),
-            tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
-def cpu_state_copy(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached CPU copies of ``state``; tensors that share memory (tied weights) stay shared."""
-    memo: dict[tuple, torch.Tensor] = {}
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        key = _storage_key(tensor)
-        if key is not None and key in memo:
-            out[name] = memo[key]
-            continue
-        copy = tensor.detach().to("cpu", copy=True)
-        if key is not None:
-            memo[key] = copy
-        out[name] = copy
-    return out
-
-
-def save_tensors(path: str | os.PathLike, state: Mapping[str, torch.Tensor],
-                 metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``state`` with safetensors, storing tensors that share memory once.
-
-    safetensors refuses shared tensors (GPT-2 ties ``lm_head.weight`` to ``wte.weight``), so
-    every alias is dropped from the file and recorded in its metadata instead.
-    """
-    first: dict[tuple, str] = {}
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    for name, tensor in state.items():
-        key = _storage_key(tensor)
-        if key is not None and key in first:
-            aliases[name] = first[key]
-            continue
-        if key is not None:
-            first[key] = name
-        tensors[name] = tensor.detach().to("cpu").contiguous()
-    meta = dict(metadata or {})
-    meta[_ALIASES_KEY] = json.dumps(aliases, sort_keys=True)
-    save_file(tensors, os.fspath(path), metadata=meta)
-    _fsync_file(path)
-
-
-def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Read a file written by :func:`save_tensors` (on the CPU), restoring the aliases."""
-    tensors = load_file(os.fspath(path), device="cpu")
-    with safe_open(os.fspath(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
-    for alias, target in json.loads(meta.get(_ALIASES_KEY, "{}")).items():
-        tensors[alias] = tensors[target]
-    return tensors
-
-
-def all_finite(tensors: Mapping[str, torch.Tensor] | Any) -> bool:
-    """True when every floating-point tensor of a state dict (or an iterable of tensors) is finite."""
-    values = tensors.values() if isinstance(tensors, Mapping) else tensors
-    flags = [torch.isfinite(t).all() for t in values if t.is_floating_point() and t.numel()]
-    if not flags:
-        return True
-    return bool(torch.stack([f.to("cpu") for f in flags]).all())
 
 
 # -- optimizer -------------------------------------------------------------------------------
@@ -343,14 +277,6 @@ def write_json(path: Path, data: Any) -> None:
 
 def read_json(path: Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def _fsync_file(path: str | os.PathLike) -> None:
-    fd = os.open(os.fspath(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def remove_step_checkpoints(directory: Path) -> None:
