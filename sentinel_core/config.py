@@ -14,6 +14,7 @@ from .errors import SentinelError
 DEFAULT_HUB_MODEL = "distilgpt2"
 DEFAULT_HUB_DATA = "wikitext:wikitext-2-raw-v1"
 PRUNE_MODES = ("remove", "mask")
+EXPORT_FORMATS = ("transformers", "dense")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 
 
@@ -57,6 +58,7 @@ class ExperimentConfig:
     attn_implementation: str | None = None
     trust_remote_code: bool = False
     quiet: bool = False
+    export: str | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -92,6 +94,8 @@ class ExperimentConfig:
             raise SentinelError(
                 f"attn_implementation must be eager, sdpa or flash_attention_2, got {self.attn_implementation!r}"
             )
+        if self.export is not None and self.export not in EXPORT_FORMATS:
+            raise SentinelError(f"export must be one of {', '.join(EXPORT_FORMATS)} or unset, got {self.export!r}")
         if self.growth_percent > 0 and not self.growth_strategy:
             raise SentinelError("growth_percent is set but growth_strategy is not; pick one, e.g. gradient")
         if self.growth_percent > self.pruning_percent:
@@ -181,6 +185,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "attn_implementation": (str, type(None)),
     "trust_remote_code": (bool,),
     "quiet": (bool,),
+    "export": (str, type(None)),
     "options": (dict,),
 }
 

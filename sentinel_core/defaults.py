@@ -2,7 +2,8 @@
 
 The documented defaults are distilgpt2 on WikiText-2. When the Hugging Face Hub cannot be
 reached (or ``--model demo`` is given) Sentinel uses its embedded demo model and corpus
-instead, and says so in one line.
+instead, and says so in one line. ``--model demo-llama`` names the embedded LLaMA with
+grouped-query attention.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from urllib.parse import urlparse
 from .config import DEFAULT_HUB_DATA, DEFAULT_HUB_MODEL, ExperimentConfig
 
 DEMO = "demo"
+DEMO_LLAMA = "demo-llama"
 _TRUTHY = {"1", "true", "yes", "on"}
 
 # Settings for the demo model where the user left the general defaults (which suit distilgpt2
@@ -65,20 +67,26 @@ def resolve_model_and_data(config: ExperimentConfig, *, announce: bool = True) -
             print(f"Hugging Face Hub unreachable: using the embedded demo model instead of {DEFAULT_HUB_MODEL}.",
                   file=sys.stderr)
     if data is None:
-        if model == DEMO or not online:
+        if is_demo_name(model) or not online:
             data = DEMO
-            if model != DEMO and announce:
+            if not is_demo_name(model) and announce:
                 print(f"Hugging Face Hub unreachable: using the embedded demo corpus instead of {DEFAULT_HUB_DATA}.",
                       file=sys.stderr)
         else:
             data = DEFAULT_HUB_DATA
-    if model == DEMO:
-        from .demo import ensure_demo_model
+    if is_demo_name(model):
+        from .demo import demo_spec_for, ensure_demo_model
 
-        if announce and config.model_name == DEMO:
-            print("Using the embedded demo model (a small GPT-2 trained on Shakespeare).", file=sys.stderr)
-        model = str(ensure_demo_model(quiet=config.quiet))
+        if announce and config.model_name == model:
+            kind = "a small LLaMA with grouped-query attention" if model == DEMO_LLAMA else "a small GPT-2"
+            print(f"Using the embedded demo model ({kind} trained on Shakespeare).", file=sys.stderr)
+        model = str(ensure_demo_model(quiet=config.quiet, spec=demo_spec_for(model)))
     return model, data
+
+
+def is_demo_name(model: str | None) -> bool:
+    """Whether ``model`` names an embedded demo model (``demo`` or ``demo-llama``)."""
+    return model in (DEMO, DEMO_LLAMA)
 
 
 def is_demo_model(source: str) -> bool:

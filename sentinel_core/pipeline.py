@@ -317,6 +317,7 @@ class _Run:
         from .checkpoint import save_model
 
         save_model(self.model, self.tokenizer, self.output_dir / "model")
+        export_error = self._export(summary)
         write_json_atomic(self.output_dir / SUMMARY_FILE, summary)
         try:
             from .plots import plot_run
@@ -326,6 +327,28 @@ class _Run:
             plot_run(self.output_dir)
         self.state["finished"] = True
         write_json_atomic(self.output_dir / STATE_FILE, self.state)
+        if export_error:
+            raise SentinelError(f"the run finished and its model is in {self.output_dir / 'model'}, but the "
+                                f"{self.config.export} export failed: {export_error}")
+
+    def _export(self, summary: dict[str, Any]) -> str | None:
+        """``--export``: a stock checkpoint in ``export/``, recorded in the summary; the error, if any.
+
+        A model the format cannot express does not cost the run: the summary records the error,
+        the run is marked finished, and the error is raised after that.
+        """
+        if not self.config.export:
+            return None
+        from .export import EXPORT_DIR, export_model
+
+        try:
+            report = export_model(self.model, self.tokenizer, self.output_dir / EXPORT_DIR, format=self.config.export,
+                                  quiet=self.config.quiet)
+        except SentinelError as exc:
+            summary["export"] = {"format": self.config.export, "error": str(exc)}
+            return str(exc)
+        summary["export"] = report.to_dict()
+        return None
 
 
 def quiet_libraries() -> None:

@@ -14,7 +14,7 @@ _FIELD_FOR_FLAG = {"model": "model_name"}
 
 @cli.command("run")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="TOML file; flags override it.")
-@click.option("--model", help="Hub name or local directory of a causal LM, or 'demo'.")
+@click.option("--model", help="Hub name or local directory of a causal LM, 'demo' or 'demo-llama'.")
 @click.option("--data", help="Hub dataset NAME[:CONFIG], a local file or folder, or 'demo'.")
 @click.option("--pruning-percent", type=float, help="Fraction of the original heads to remove, in [0, 1).")
 @click.option("--num-epochs", type=int, help="Fine-tuning epochs.")
@@ -33,6 +33,8 @@ _FIELD_FOR_FLAG = {"model": "model_name"}
 @click.option("--seed", type=int)
 @click.option("--test-mode", is_flag=True, default=None, help="A few steps on a little data: a smoke test.")
 @click.option("--quiet", is_flag=True, default=None, help="No progress bars (metrics are still logged).")
+@click.option("--export", type=click.Choice(["transformers", "dense"]),
+              help="After the final stage, also write a stock transformers checkpoint to DIR/export.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue an interrupted run in DIR.")
 def run_command(config_file: str | None, resume_dir: str | None, **flags: Any) -> None:
     """Score, prune, fine-tune (and optionally grow) a model, then evaluate and save it."""
