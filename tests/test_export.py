@@ -246,10 +246,10 @@ def test_families_outside_gpt2_and_llama_are_refused(tmp_path, monkeypatch):
 def test_an_export_whose_logits_would_differ_is_not_written(tmp_path, monkeypatch):
     real = export_module.plan_stock_layout
 
-    def swapped(head_map):  # a planning bug: two query slots trade places
-        layout = real(head_map)
+    def swapped(head_map):  # a planning bug: query heads of two groups trade places, so each reads
+        layout = real(head_map)  # the other group's keys and values (a swap within a group is harmless)
         q, kv = layout.layouts[0]
-        layout.layouts[0] = ([q[1], q[0], *q[2:]], kv)
+        layout.layouts[0] = ([q[2], q[1], q[0], *q[3:]], kv)
         return layout
 
     monkeypatch.setattr(export_module, "plan_stock_layout", swapped)
@@ -277,13 +277,13 @@ def test_cli_exports_a_sentinel_checkpoint_or_run_folder(tmp_path):
     assert (tmp_path / "stock" / "generation_config.json").is_file()
     dense = runner.invoke(cli, ["export", str(run / "model"), str(tmp_path / "dense"), "--format", "dense",
                                 "--json"], catch_exceptions=False)
-    record = json.loads(dense.output)
+    record = json.loads(dense.stdout)
     assert record["format"] == "dense" and record["num_attention_heads"] is None
     assert json.loads((tmp_path / "dense" / "config.json").read_text())["num_attention_heads"] == 8
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["nowhere", "x"], "does not exist"),
+    (["MISSING", "x"], "does not exist"),
     (["RUN", "x"], "has no model/ yet"),
     (["RUN/..", "x"], "neither a model folder"),
     (["MODEL", "MODEL"], "is the source model folder"),
@@ -294,7 +294,8 @@ def test_cli_errors_are_one_line(tmp_path, args, fragment):
     (run / "experiment.json").write_text("{}")
     model_dir = tmp_path / "m"
     save_model(tiny_llama(**SHAPE), None, model_dir)
-    args = [a.replace("RUN", str(run)).replace("MODEL", str(model_dir)) for a in args]
+    args = [a.replace("RUN", str(run)).replace("MODEL", str(model_dir)).replace("MISSING", str(tmp_path / "no"))
+            for a in args]
     args[1] = args[1] if args[1] == str(model_dir) else str(tmp_path / args[1])
     result = CliRunner().invoke(cli, ["export", *args])
     assert result.exit_code != 0 and fragment in result.output
@@ -312,18 +313,25 @@ def test_prune_export_transformers_writes_a_stock_checkpoint(tiny_assets):
 
 
 def test_run_export_writes_a_stock_checkpoint_into_the_run_folder(tiny_assets):
+    from data_fixtures import make_tokenizer
     from transformers import AutoModelForCausalLM
 
+    tokenizer = make_tokenizer(400)
+    model_dir = tiny_assets["tmp"] / "llama"
+    tiny_llama(**SHAPE, vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
     out = tiny_assets["tmp"] / "run"
-    result = CliRunner().invoke(cli, ["run", "--model", tiny_assets["model"], "--data", tiny_assets["data"],
-                                      "--scorer", "magnitude", "--test-mode", "--quiet", "--output-dir", str(out),
-                                      "--export", "transformers"], catch_exceptions=False)
+    result = CliRunner().invoke(cli, ["run", "--model", str(model_dir), "--data", tiny_assets["data"],
+                                      "--scorer", "magnitude", "--prune-strategy", "kv-groups", "--pruning-percent",
+                                      "0.5", "--block-size", "32", "--batch-size", "4", "--test-mode", "--quiet",
+                                      "--output-dir", str(out), "--export", "transformers"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["export"]["path"] == str(out / "export") and summary["export"]["format"] == "transformers"
+    assert summary["export"]["num_attention_heads"] == 4 and summary["export"]["padded_query_slots"] == 0
     stock = AutoModelForCausalLM.from_pretrained(out / "export")
     final, _ = load_model(out / "model")
-    ids = inputs(length=6) % stock.config.vocab_size
+    ids = inputs(length=6)
     with torch.no_grad():
         torch.testing.assert_close(stock(ids).logits, final(ids).logits, atol=1e-5, rtol=0)
 
