@@ -2,7 +2,7 @@
 
     python bench/bench_gqa.py speed [--shape cpu|llama-1b] [--device cpu|cuda] [--repeats 3]
         [--out bench/results/gqa-speed.json]
-    python bench/bench_gqa.py quality [--steps 150] [--scorers gradient,magnitude]
+    python bench/bench_gqa.py quality [--steps 100] [--max-test-blocks 256] [--scorers gradient,magnitude]
         [--out bench/results/gqa-quality.json]
 
 **speed.** A LLaMA with random weights and Llama-3.2-1B's head structure (32 query heads of width
@@ -18,18 +18,21 @@ variant is measured as Sentinel's compact model and as its stock export
 - KV-cache bytes at batch 8 x (512 prompt + 128 new tokens), computed from the shapes and
   measured from the real cache after decoding (the key and value tensors' bytes);
 - prefill latency: one forward over 1 x 512 tokens (``--prefill-batch``), median and spread
-  of ``--repeats`` interleaved repeats, and the FLOP prediction (dense FLOPs / variant FLOPs,
+  of ``--repeats`` interleaved repeats (speedups: the median of each repeat's ratio to the dense
+  model of the same repeat, in wall-clock and in process CPU time), and the FLOP prediction (dense FLOPs / variant FLOPs,
   counted from the slots the model really computes, dead and padded ones included);
 - decode tokens/s: 128 greedy steps at batch 8 after a 512-token prompt (the prefill is done
   once and its cache copied for each repeat), and the prediction from the bytes each step
   moves (every weight once plus the KV cache read at the mean length).
 
-Repeats rotate the order of the models, so drift in the machine's load spreads over all.
+Repeats rotate the order of the models, so drift in the machine's load spreads over all;
+speedups are the median of each repeat's ratio to the dense model of the same repeat.
 
 **quality.** The demo-llama model (``--model demo-llama``; built on first use) on the demo
 corpus: for each scorer (gradient, magnitude), strategy (``kv-groups``, ``per-group``,
 ``global``) and fraction (25%, 50%), a fresh copy is pruned (physical removal), evaluated
-(validation: the first ``--max-eval-blocks`` blocks; test: the whole test split), fine-tuned
+(validation: the first ``--max-eval-blocks`` blocks; test: the first ``--max-test-blocks``
+blocks of the test split, by default all of it), fine-tuned
 ``--steps`` steps with ``sentinel_core.training.train`` (the same recipe and seed for every arm;
 keep-best on the validation blocks, never on test), and evaluated again. The KV cache each arm
 keeps is counted from its shapes.
@@ -187,7 +190,7 @@ def run_speed(args) -> dict:
             out = m["model"](input_ids=prompt_ids, cache=DynamicCache(), use_cache=True)
             m["prefilled"] = out.past_key_values
             m["first"] = out.logits[:, -1:].argmax(-1)
-            m["prefill_s"], m["decode_s"] = [], []
+            m["prefill_s"], m["decode_s"], m["prefill_cpu"], m["decode_cpu"] = [], [], [], []
             # Warm-up at the timed shapes: the first call of a shape pays one-off costs.
             m["model"](input_ids=prefill_ids)
             cache, ids = copy.deepcopy(m["prefilled"]), m["first"]
@@ -199,18 +202,20 @@ def run_speed(args) -> dict:
             for m in order:
                 model = m["model"]
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 model(input_ids=prefill_ids)
                 sync()
                 m["prefill_s"].append(time.perf_counter() - t0)
+                m["prefill_cpu"].append(time.process_time() - c0)
                 cache = copy.deepcopy(m["prefilled"])
                 ids = m["first"]
                 sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(new):
                     ids = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1:].argmax(-1)
                 sync()
                 m["decode_s"].append(time.perf_counter() - t0)
+                m["decode_cpu"].append(time.process_time() - c0)
                 m["cache"] = cache
             print(f"repeat {repeat + 1}/{args.repeats} done (load average {os.getloadavg()[0]:.1f})", flush=True)
 
@@ -218,29 +223,35 @@ def run_speed(args) -> dict:
     dense_flops = prefill_flops(dense["model"], args.prefill_batch, prompt)
     mean_length = prompt + (new + 1) / 2
     dense_step_bytes = decode_bytes_per_step(dense["model"], batch, mean_length)
-    dense_prefill = statistics.median(dense["prefill_s"])
-    dense_decode = batch * new / statistics.median(dense["decode_s"])
     dense_kv = kv_bytes(dense["model"], batch, prompt + new)
+
+    def paired(key: str, m: dict) -> float:
+        # Speedup per repeat against the dense model of the same repeat, then the median: the
+        # pairing cancels load that changes between repeats.
+        return statistics.median(d / v for d, v in zip(dense[key], m[key], strict=True))
+
     rows = []
     for m in models:
         model = m["model"]
         measured_kv = sum(layer.keys.nbytes + layer.values.nbytes for layer in m["cache"].layers)
         computed_kv = kv_bytes(model, batch, prompt + new)
-        prefill = statistics.median(m["prefill_s"])
-        decode = [batch * new / s for s in m["decode_s"]]
         row = {
             "variant": m["variant"], "form": m["form"], "architecture": m["architecture"],
             "parameters": m["parameters"], "query_slots": m["query_slots"], "kv_slots": m["kv_slots"],
             "kv_bytes": computed_kv, "kv_bytes_measured": measured_kv, "kv_fraction": computed_kv / dense_kv,
-            "prefill_seconds": _spread(m["prefill_s"]), "prefill_speedup": dense_prefill / prefill,
+            "prefill_seconds": _spread(m["prefill_s"]), "prefill_cpu_seconds": _spread(m["prefill_cpu"]),
+            "prefill_speedup": paired("prefill_s", m), "prefill_speedup_cpu_time": paired("prefill_cpu", m),
             "prefill_predicted": dense_flops / prefill_flops(model, args.prefill_batch, prompt),
-            "decode_tokens_per_second": _spread(decode),
-            "decode_speedup": statistics.median(decode) / dense_decode,
+            "decode_tokens_per_second": _spread([batch * new / t for t in m["decode_s"]]),
+            "decode_cpu_seconds": _spread(m["decode_cpu"]),
+            "decode_speedup": paired("decode_s", m), "decode_speedup_cpu_time": paired("decode_cpu", m),
             "decode_predicted": dense_step_bytes / decode_bytes_per_step(model, batch, mean_length),
             "export_notes": m["export_notes"],
         }
         row["prefill_ratio"] = row["prefill_speedup"] / row["prefill_predicted"]
         row["decode_ratio"] = row["decode_speedup"] / row["decode_predicted"]
+        row["decode_ratio_cpu_time"] = row["decode_speedup_cpu_time"] / row["decode_predicted"]
+        row["prefill_ratio_cpu_time"] = row["prefill_speedup_cpu_time"] / row["prefill_predicted"]
         rows.append(row)
     shutil.rmtree(workdir, ignore_errors=True)
     return {"name": "gqa-speed", "shape": {**SHAPES[args.shape], **HEADS, "name": args.shape}, "device": device,
@@ -250,18 +261,19 @@ def run_speed(args) -> dict:
 
 def print_speed(result: dict) -> None:
     print(f"\n{result['shape']['name']} shape on {result['device']}: KV cache at batch {result['batch']} x "
-          f"({result['prompt']} + {result['new_tokens']}); prefill {result['prefill_batch']} x {result['prompt']}")
+          f"({result['prompt']} + {result['new_tokens']}); prefill {result['prefill_batch']} x {result['prompt']}; "
+          f"speedups are medians of per-repeat ratios to dense (wall / CPU time)")
     print("| variant | form | params M | q / kv slots | KV MiB | KV kept | measured = computed | prefill ms "
-          "| prefill speedup / predicted | decode tok/s | decode speedup / predicted |")
+          "| prefill speedup wall / CPU / predicted | decode tok/s | decode speedup wall / CPU / predicted |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in result["rows"]:
         p, d = r["prefill_seconds"], r["decode_tokens_per_second"]
         print(f"| {r['variant']} | {r['form']} | {r['parameters'] / 1e6:.1f} | {r['query_slots']} / {r['kv_slots']} "
               f"| {r['kv_bytes'] / 2**20:.1f} | {r['kv_fraction']:.3f} | {r['kv_bytes_measured'] == r['kv_bytes']} "
               f"| {p['median'] * 1e3:.0f} ({p['min'] * 1e3:.0f}-{p['max'] * 1e3:.0f}) "
-              f"| {r['prefill_speedup']:.2f} / {r['prefill_predicted']:.2f} "
+              f"| {r['prefill_speedup']:.2f} / {r['prefill_speedup_cpu_time']:.2f} / {r['prefill_predicted']:.2f} "
               f"| {d['median']:.1f} ({d['min']:.1f}-{d['max']:.1f}) "
-              f"| {r['decode_speedup']:.2f} / {r['decode_predicted']:.2f} |")
+              f"| {r['decode_speedup']:.2f} / {r['decode_speedup_cpu_time']:.2f} / {r['decode_predicted']:.2f} |")
 
 
 # ---------------------------------------------------------------- quality
@@ -284,12 +296,13 @@ def run_quality(args) -> dict:
     model, tokenizer = load_model(source, device=device)
     data = load_data(args.data, tokenizer, block_size=args.block_size, seed=args.seed)
     val_ids = data.validation.ids[: args.max_eval_blocks * args.block_size]
+    test_ids = data.test.ids if args.max_test_blocks is None else data.test.ids[: args.max_test_blocks * args.block_size]
 
     def perplexities(m) -> dict:
         def ppl(ids):
             return evaluate(m, ids, block_size=args.block_size, batch_size=args.batch_size, device=device,
                             progress=False).perplexity
-        return {"validation": ppl(val_ids), "test": ppl(data.test.ids)}
+        return {"validation": ppl(val_ids), "test": ppl(test_ids)}
 
     def cache_per_token(m) -> int:
         return kv_bytes(m, 1, 1)
@@ -349,7 +362,8 @@ def run_quality(args) -> dict:
                           "kv_groups_kv_saved": kv["kv_saved"], "global_kv_saved": glob["kv_saved"]})
     return {"name": "gqa-quality", "model": args.model, "source": source, "data": args.data, "steps": args.steps,
             "learning_rate": args.learning_rate, "batch_size": args.batch_size, "block_size": args.block_size,
-            "max_eval_blocks": args.max_eval_blocks, "seed": args.seed, "baseline": baseline, "arms": arms,
+            "max_eval_blocks": args.max_eval_blocks, "max_test_blocks": args.max_test_blocks,
+            "test_tokens": int(test_ids.numel()), "seed": args.seed, "baseline": baseline, "arms": arms,
             "goals": goals, "seconds": round(time.perf_counter() - started, 1), "machine_before": machine_before,
             "machine_after": _machine()}
 
@@ -387,12 +401,13 @@ def main(argv: list[str] | None = None) -> int:
     quality.add_argument("--scorers", default="gradient,magnitude")
     quality.add_argument("--strategies", default="kv-groups,per-group,global")
     quality.add_argument("--percents", default="0.25,0.5")
-    quality.add_argument("--steps", type=int, default=150)
+    quality.add_argument("--steps", type=int, default=100)
     quality.add_argument("--eval-every", type=int, default=50)
     quality.add_argument("--learning-rate", type=float, default=1e-4)
     quality.add_argument("--batch-size", type=int, default=8)
     quality.add_argument("--block-size", type=int, default=128)
     quality.add_argument("--max-eval-blocks", type=int, default=128)
+    quality.add_argument("--max-test-blocks", type=int, default=None, help="default: the whole test split")
     quality.add_argument("--calibration-batches", type=int, default=8)
     quality.add_argument("--seed", type=int, default=0)
     quality.add_argument("--device", default="auto")
