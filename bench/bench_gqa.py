@@ -326,8 +326,10 @@ def run_quality(args) -> dict:
                 for percent in [float(p) for p in args.percents.split(",")]:
                     arm_start = time.perf_counter()
                     pruned = copy.deepcopy(model)
-                    result = hooks.prune(strategy, model=pruned, scores=scores,
-                                         config=config.replace(pruning_percent=percent, prune_strategy=strategy))
+                    removed = 0
+                    if strategy != "none":  # "none": the unpruned model, fine-tuned the same way (a reference)
+                        removed = hooks.prune(strategy, model=pruned, scores=scores, config=config.replace(
+                            pruning_percent=percent, prune_strategy=strategy)).count
                     pruned.to(device)
                     after_prune = perplexities(pruned)
                     train_config = ExperimentConfig(
@@ -337,7 +339,7 @@ def run_quality(args) -> dict:
                         quiet=True, output_dir=str(Path(tmp) / f"{scorer}-{strategy}-{percent}"))
                     tuned = train(pruned, data, train_config, stage="fine_tune", resume=False)
                     after_tune = perplexities(pruned)
-                    arm = {"scorer": scorer, "strategy": strategy, "percent": percent, "heads_removed": result.count,
+                    arm = {"scorer": scorer, "strategy": strategy, "percent": percent, "heads_removed": removed,
                            "query_slots": sum(q_slots(pruned)), "kv_slots": sum(kv_slots(pruned)),
                            "kv_bytes_per_token": cache_per_token(pruned),
                            "kv_saved": 1 - cache_per_token(pruned) / baseline["kv_bytes_per_token"],
@@ -345,7 +347,7 @@ def run_quality(args) -> dict:
                            "fine_tuned": after_tune, "steps": tuned.steps,
                            "seconds": round(time.perf_counter() - arm_start, 1)}
                     arms.append(arm)
-                    print(f"{scorer:<9} {strategy:<9} {percent:.0%}: removed {result.count} heads, KV saved "
+                    print(f"{scorer:<9} {strategy:<9} {percent:.0%}: removed {removed} heads, KV saved "
                           f"{arm['kv_saved']:.1%}; test ppl {after_prune['test']:.2f} -> {after_tune['test']:.2f} "
                           f"({arm['seconds']:.0f} s)", flush=True)
                     del pruned
@@ -399,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     quality.add_argument("--model", default="demo-llama")
     quality.add_argument("--data", default="demo")
     quality.add_argument("--scorers", default="gradient,magnitude")
-    quality.add_argument("--strategies", default="kv-groups,per-group,global")
+    quality.add_argument("--strategies", default="kv-groups,per-group,global",
+                         help="'none' adds the unpruned model fine-tuned the same way (use with --percents 0)")
     quality.add_argument("--percents", default="0.25,0.5")
     quality.add_argument("--steps", type=int, default=100)
     quality.add_argument("--eval-every", type=int, default=50)
