@@ -55,6 +55,10 @@ timeout 90 python3 bench/bench_finetune.py --device cuda --mixed-precision bf16 
     --embd 768 --vocab 50257 --batch 8 --block 512 --steps 30 --repeats 3 --out "$OUT/finetune-gpu.json" \
     2>&1 | tail -12
 
+step "GQA strategies and stock export: speed and KV cache, Llama-3.2-1B shape, bf16"
+timeout 420 python3 bench/bench_gqa.py speed --shape llama-1b --device cuda --prefill-batch 8 --repeats 5 \
+    --out "$OUT/gqa-speed-gpu.json" 2>&1 | grep -v "Loading weights\|Writing model" | tail -20
+
 step "whole suite with a GPU visible"
 timeout 150 python3 -m pytest -q -p no:cacheprovider 2>&1 | tee "$OUT/pytest-all.log" | tail -25
 step "done"

@@ -24,6 +24,7 @@ from .options import Rule
 DEFAULT_HUB_MODEL = "distilgpt2"
 DEFAULT_HUB_DATA = "wikitext:wikitext-2-raw-v1"
 PRUNE_MODES = ("remove", "mask")
+EXPORT_FORMATS = ("transformers", "dense")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
 
@@ -152,6 +153,9 @@ class ExperimentConfig:
                         minimum=0)
     test_mode: bool = setting(False, "A few steps on a little data: a smoke test of every stage.", section="run")
     quiet: bool = setting(False, "No progress bars (metrics are still logged).", section="run", display_only=True)
+    export: str | None = setting(None, "After the final stage, also write a stock checkpoint to DIR/export "
+                                       "(transformers: the smallest one stock transformers opens; dense: original "
+                                       "shapes).", section="run", choices=EXPORT_FORMATS, default_text="no export")
     report_to: str = setting("none", "Experiment trackers: a comma list of tensorboard, mlflow, wandb, or none.",
                              section="run", display_only=True)
     options: dict[str, Any] = setting({}, "Strategy options, KEY=VALUE (see `sentinel run --help-strategy NAME`).",

@@ -2,7 +2,8 @@
 
 The documented defaults are distilgpt2 on WikiText-2. When the Hugging Face Hub cannot be
 reached (or ``--model demo`` is given) Sentinel uses its embedded demo model and corpus
-instead, and says so in one line.
+instead, and says so in one line. ``--model demo-llama`` names the embedded LLaMA with
+grouped-query attention.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from urllib.parse import urlparse
 from .config import DEFAULT_HUB_DATA, DEFAULT_HUB_MODEL, ExperimentConfig
 
 DEMO = "demo"
+DEMO_LLAMA = "demo-llama"
 _TRUTHY = {"1", "true", "yes", "on"}
 
 # Settings for the demo model where the user left the general defaults (which suit distilgpt2
@@ -66,24 +68,26 @@ def resolve_model_and_data(config: ExperimentConfig, *, announce: bool = True) -
             print(f"Hugging Face Hub unreachable: using the embedded demo model instead of {DEFAULT_HUB_MODEL}.",
                   file=sys.stderr)
     if data is None:
-        if model == DEMO or not online:
+        if is_demo_name(model) or not online:
             data = DEMO
-            if model != DEMO and announce:
+            if not is_demo_name(model) and announce:
                 print(f"Hugging Face Hub unreachable: using the embedded demo corpus instead of {DEFAULT_HUB_DATA}.",
                       file=sys.stderr)
         else:
             data = DEFAULT_HUB_DATA
-    if model == DEMO and announce and config.model_name == DEMO:
-        print("Using the embedded demo model (a small GPT-2 trained on Shakespeare).", file=sys.stderr)
+    if is_demo_name(model) and announce and config.model_name == model:
+        kind = "a small LLaMA with grouped-query attention" if model == DEMO_LLAMA else "a small GPT-2"
+        print(f"Using the embedded demo model ({kind} trained on Shakespeare).", file=sys.stderr)
     return resolve_model(model, quiet=config.quiet), data
 
 
 def resolve_model(name: str, *, quiet: bool = False) -> str:
-    """``demo`` -> the folder of the embedded demo model (trained on first use); other names as given."""
-    if name == DEMO:
-        from .demo import ensure_demo_model
+    """``demo`` and ``demo-llama`` -> the folder of that embedded demo model (trained on first use);
+    other names as given."""
+    if is_demo_name(name):
+        from .demo import demo_spec_for, ensure_demo_model
 
-        return str(ensure_demo_model(quiet=quiet))
+        return str(ensure_demo_model(quiet=quiet, spec=demo_spec_for(name)))
     return name
 
 
@@ -96,6 +100,11 @@ def resolve_data(spec: Any) -> Any:
         files = {split: [os.fspath(p) for p in paths] for split, paths in demo_corpus_files().items()}
         return FileSplits(DEMO, files)
     return spec
+
+
+def is_demo_name(model: str | None) -> bool:
+    """Whether ``model`` names an embedded demo model (``demo`` or ``demo-llama``)."""
+    return model in (DEMO, DEMO_LLAMA)
 
 
 def is_demo_model(source: str) -> bool:

@@ -77,7 +77,11 @@ def score_heads(
     :param config: the experiment's configuration (``seed``, ``options``, ...).
     :return: :class:`sentinel_core.results.HeadScores` with a ``[num_layers, width]`` tensor in
         original head numbering, NaN for heads that are not active (removed or masked), higher
-        meaning more important; or None when ``strategy`` is not this plugin's.
+        meaning more important; or None when ``strategy`` is not this plugin's. A scorer that
+        measures key/value groups itself may add ``extra["group_scores"]``: one list per layer
+        with one number per key/value slot of the layer's current layout (``HeadMap.kv_groups``),
+        None for a slot with no active head, higher = more important; the ``kv-groups``
+        selection then ranks groups by it instead of summing the layer-normalised head scores.
 
     firstresult: the first non-None result is used.
     """
@@ -92,7 +96,8 @@ def prune(
 ) -> PruneResult | None:
     """Choose the heads to remove from ``scores`` and remove (or mask) them.
 
-    :param strategy: the selection policy's name, e.g. ``"global"`` or ``"per-layer"``.
+    :param strategy: the selection policy's name, e.g. ``"global"``, ``"per-layer"``,
+        ``"kv-groups"`` or ``"per-group"``.
     :param model: the model to change in place.
     :param scores: what ``score_heads`` returned.
     :param config: gives the target (``pruning_percent`` of the original heads),

@@ -65,14 +65,17 @@ def facts_from_summary(summary: dict[str, Any], *, demo: bool = False) -> dict[s
 
 
 def render_model_card(model: nn.Module, facts: dict[str, Any] | None = None, *, stored: nn.Module | None = None,
-                      dense: bool = False, path: str | Path | None = None) -> str:
+                      dense: bool = False, stock: bool = False, path: str | Path | None = None) -> str:
     """The README.md text for a saved model.
 
     :param model: the model whose heads were changed (its head map gives the per-layer table).
     :param facts: what the caller knows (see :func:`facts_from_summary` for the keys); any may be absent.
     :param stored: the model actually written, when it differs from ``model`` (a dense export in the
         original shapes); its parameters and KV cache are the "after" figures.
-    :param dense: whether the folder is a plain transformers checkpoint (dense export).
+    :param dense: whether the folder is a plain transformers checkpoint in the original shapes
+        (dense export).
+    :param stock: whether it is a plain transformers checkpoint with the pruned head counts
+        (``sentinel export --format transformers`` of a LLaMA-family model).
     :param path: the folder, for the loading snippet.
     """
     from huggingface_hub import ModelCardData
@@ -111,6 +114,10 @@ def render_model_card(model: nn.Module, facts: dict[str, Any] | None = None, *, 
         f"This model is {base_text} after attention-head pruning with Sentinel (sentinel-core "
         f"{__version__}): {', '.join(changes)}; {working} of {original} heads work.",
     ]
+    if stock:
+        lines += ["", "This folder is a **stock transformers checkpoint** with the pruned head counts in its "
+                      "config (`num_attention_heads`, `num_key_value_heads`): smaller and faster than the base "
+                      "model, and it opens without Sentinel."]
     if dense:
         lines += ["", "This folder is a **dense export**: a plain transformers checkpoint in the base model's "
                       "shapes, with the removed heads' weights zeroed. It loads anywhere, but it is no smaller "
@@ -133,7 +140,7 @@ def render_model_card(model: nn.Module, facts: dict[str, Any] | None = None, *, 
               f"| KV cache per token | {_bytes(facts.get('kv_bytes_per_token_before'))} | {_bytes(kv_after)} |"]
     lines += _quality_rows(facts)
     lines += ["", *_notes(facts)]
-    lines += ["## How to load", "", *_loading(dense, path)]
+    lines += ["## How to load", "", *_loading(dense or stock, path)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -241,15 +248,14 @@ def _loading(dense: bool, path: str | Path | None) -> list[str]:
                 "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                 f"model = AutoModelForCausalLM.from_pretrained({where!r})",
                 f"tokenizer = AutoTokenizer.from_pretrained({where!r})", "```", "",
-                "`sentinel_core.load_model` opens it too, and gates the zeroed heads so that they stay silent "
-                "if you fine-tune it further."]
+                "`sentinel_core.load_model` opens it too, and gates the zeroed (or padded) slots so that they "
+                "stay silent if you fine-tune it further."]
     return ["This is a Sentinel checkpoint. Its layers have fewer heads than its config describes, which stock "
             "transformers cannot build, so the weights are stored as `sentinel.safetensors` and plain "
             "`from_pretrained` refuses the folder instead of loading re-initialised weights. Open it with "
             "Sentinel (the `sentinel-core` package):", "", "```python", "from sentinel_core import load_model", "",
             f"model, tokenizer = load_model({where!r})", "```", "",
-            "`sentinel prune --export dense` writes a plain transformers checkpoint instead (original shapes, "
-            "removed heads zeroed)."]
+            "`sentinel export DIR OUT --format transformers` writes a plain transformers checkpoint instead."]
 
 
 def _ids(ids: list[int]) -> str:

@@ -65,7 +65,9 @@ class Rule:
             value = _parse(name, value, self)
         value = self._check_kind(name, value)
         if self.choices is not None and value not in self.choices:
-            raise SentinelError(f"{name} must be one of {', '.join(str(c) for c in self.choices)}, got {value!r}")
+            unset = " or unset" if self.optional else ""
+            raise SentinelError(f"{name} must be one of {', '.join(str(c) for c in self.choices)}{unset}, "
+                                f"got {value!r}")
         if isinstance(value, float) and not math.isfinite(value):
             raise SentinelError(f"{name} must be a finite number, got {value}")
         if not self._in_range(value):

@@ -409,6 +409,7 @@ class _Run:
 
         card = facts_from_summary(summary, demo=is_demo_model(self.state["sources"]["model"]))
         save_model(self.model, self.tokenizer, self.output_dir / FINAL_MODEL_DIR, card=card)
+        export_error = self._export(summary, card)
         write_json_atomic(self.output_dir / RUN_SUMMARY_FILE, summary)
         try:
             from .plots import plot_run
@@ -419,6 +420,28 @@ class _Run:
         self.state["finished"] = True
         write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
         plugins.notify("on_run_end", summary=summary, run_dir=self.output_dir)
+        if export_error:
+            raise SentinelError(f"the run finished and its model is in {self.output_dir / FINAL_MODEL_DIR}, but the "
+                                f"{self.config.export} export failed: {export_error}")
+
+    def _export(self, summary: dict[str, Any], card: dict[str, Any]) -> str | None:
+        """``--export``: a stock checkpoint in ``export/``, recorded in the summary; the error, if any.
+
+        A model the format cannot express does not cost the run: the summary records the error,
+        the run is marked finished, and the error is raised after that.
+        """
+        if not self.config.export:
+            return None
+        from .export import EXPORT_DIR, export_model
+
+        try:
+            report = export_model(self.model, self.tokenizer, self.output_dir / EXPORT_DIR, format=self.config.export,
+                                  quiet=self.config.quiet, card=card)
+        except SentinelError as exc:
+            summary["export"] = {"format": self.config.export, "error": str(exc)}
+            return str(exc)
+        summary["export"] = report.to_dict()
+        return None
 
 
 def quiet_libraries() -> None:

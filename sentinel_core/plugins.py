@@ -54,6 +54,7 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "sentinel_core.strategies.random_scorer",
     "sentinel_core.strategies.gradient_scorer",
     "sentinel_core.strategies.selection",
+    "sentinel_core.strategies.group_selection",
     "sentinel_core.strategies.plain_finetune",
 )
 

@@ -16,6 +16,8 @@ from transformers import (
     MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 from transformers.utils import logging as hf_logging
 
@@ -61,14 +63,24 @@ def tiny_llama(attn: str = "sdpa", seed: int = 0, **overrides) -> LlamaForCausal
     return _llama_family(LlamaConfig, LlamaForCausalLM, attn, seed, **overrides)
 
 
-def tiny_qwen2(attn: str = "sdpa", seed: int = 0) -> Qwen2ForCausalLM:
+def tiny_qwen2(attn: str = "sdpa", seed: int = 0, **overrides) -> Qwen2ForCausalLM:
     """Qwen2: LLaMA's layout with biases on q/k/v."""
-    return _llama_family(Qwen2Config, Qwen2ForCausalLM, attn, seed)
+    return _llama_family(Qwen2Config, Qwen2ForCausalLM, attn, seed, **overrides)
 
 
-def tiny_mistral(attn: str = "sdpa", seed: int = 0) -> MistralForCausalLM:
-    """Mistral with a single key/value head shared by all four query heads."""
-    return _llama_family(MistralConfig, MistralForCausalLM, attn, seed, num_key_value_heads=1)
+def tiny_qwen3(attn: str = "sdpa", seed: int = 0, **overrides) -> Qwen3ForCausalLM:
+    """Qwen3: LLaMA's layout with per-head RMSNorm on queries and keys (q_norm, k_norm)."""
+    model = _llama_family(Qwen3Config, Qwen3ForCausalLM, attn, seed, **overrides)
+    with torch.no_grad():  # q_norm/k_norm start at ones; other values make a mix-up visible
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.normal_(1.0, 0.2)
+            layer.self_attn.k_norm.weight.normal_(1.0, 0.2)
+    return model
+
+
+def tiny_mistral(attn: str = "sdpa", seed: int = 0, **overrides) -> MistralForCausalLM:
+    """Mistral with a single key/value head shared by all four query heads (unless overridden)."""
+    return _llama_family(MistralConfig, MistralForCausalLM, attn, seed, **{"num_key_value_heads": 1, **overrides})
 
 
 def _perturb_biases(model: nn.Module) -> None:

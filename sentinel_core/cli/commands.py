@@ -1,3 +1,3 @@
 """Imports every subcommand module so that each registers itself on the ``cli`` group."""
 
-from . import evaluate, generate, plugins, prune, report, run, score  # noqa: F401
+from . import evaluate, export, generate, plugins, prune, report, run, score  # noqa: F401

@@ -5,7 +5,8 @@ from __future__ import annotations
 import click
 
 model_option = click.option("--model", "model", required=True,
-                            help="Hub name, local model directory (a Sentinel run's model/ too), or 'demo'.")
+                            help="Hub name, local model directory (a Sentinel run's model/ too), 'demo' or "
+                                 "'demo-llama'.")
 device_option = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 trust_option = click.option("--trust-remote-code", is_flag=True,
                             help="Allow the model's own Python code from the Hub to run (off by default).")
@@ -28,7 +29,7 @@ def load_checked(model: str, *, device: str, trust_remote_code: bool, block_size
 
 
 def resolve_model(model: str) -> str:
-    """``demo`` names the embedded demo model; anything else is passed to ``load_model``."""
+    """``demo`` and ``demo-llama`` name the embedded demo models; anything else is passed to ``load_model``."""
     from ..defaults import resolve_model as resolve
 
     return resolve(model)

@@ -17,14 +17,17 @@ from .score import batch_size_option, block_size_option, calibration_option, dat
               help="Fraction of the original heads that should be gone afterwards, in [0, 1).")
 @click.option("--output-dir", required=True,
               help="A new or empty folder for the pruned model (or one that Sentinel saved a model into before).")
-@click.option("--prune-strategy", default="global", show_default=True, help="Selection policy: global or per-layer.")
+@click.option("--prune-strategy", default="global", show_default=True,
+              help="Selection policy: global, per-layer, kv-groups or per-group (see `sentinel plugins`).")
 @click.option("--prune-mode", type=click.Choice(["remove", "mask"]), default="remove", show_default=True,
               help="Remove heads physically, or gate them off.")
 @click.option("--min-heads-per-layer", type=click.IntRange(min=0), default=1, show_default=True)
 @option_assignments
-@click.option("--export", type=click.Choice(["compact", "dense"]), default="compact", show_default=True,
-              help="compact: a Sentinel checkpoint; dense: a plain transformers checkpoint in the original "
-                   "shapes with pruned heads zeroed.")
+@click.option("--export", type=click.Choice(["compact", "transformers", "dense"]), default="compact",
+              show_default=True,
+              help="compact: a Sentinel checkpoint; transformers: the smallest plain transformers checkpoint "
+                   "(as `sentinel export`); dense: a plain transformers checkpoint in the original shapes with "
+                   "pruned heads zeroed.")
 @seed_option
 @batch_size_option
 @calibration_option
@@ -61,7 +64,12 @@ def prune_command(model: str, data: str | None, scorer: str, pruning_percent: fl
     scores = plugins.score_heads(scorer, model=loaded, batches=calibration, config=config)
     result = plugins.prune(prune_strategy, model=loaded, scores=scores, config=config)
     after = get_head_map(loaded)
-    save_model(loaded, tokenizer, output_dir, dense=export == "dense", card=card)
+    if export == "compact":
+        save_model(loaded, tokenizer, output_dir, card=card)
+    else:
+        from ..export import export_model
+
+        export_model(loaded, tokenizer, output_dir, format=export, card=card)
     original = before.num_layers * before.original_num_heads
     active_before = sum(len(before.active(layer)) for layer in range(before.num_layers))
     active_after = sum(len(after.active(layer)) for layer in range(after.num_layers))

@@ -1,10 +1,11 @@
-"""The demo model: a small GPT-2 pre-trained on the demo corpus by Sentinel's own training loop.
+"""The demo models: a small GPT-2 (``demo``) and a small LLaMA with grouped-query attention
+(``demo-llama``), pre-trained on the demo corpus by Sentinel's own training loop.
 
-It is built on first use, once per machine, into the Sentinel cache
+Each is built on first use, once per machine, into the Sentinel cache
 (``SENTINEL_CACHE_DIR`` or ``platformdirs.user_cache_dir("sentinel")``) as
 ``demo-<spec name>-<hash>/``, a Sentinel checkpoint directory plus ``demo.json`` (how it was
 built). The hash covers the spec, the corpus and :data:`BUILD_FORMAT`, so a different spec (the
-tiny one that tests use) or recipe never reuses another's model. The build runs under a file lock
+tiny ones that tests use) or recipe never reuses another's model. The build runs under a file lock
 (two processes never train at once; the second waits and reuses the result) in a temporary
 directory that is renamed into place only when complete, so an interrupted or failed build leaves
 nothing that looks finished.
@@ -31,6 +32,8 @@ from .cache import cache_root
 from .corpus import corpus_dir, demo_corpus_files
 
 SPEC_ENV = "SENTINEL_DEMO_SPEC"
+LLAMA_SPEC_ENV = "SENTINEL_DEMO_LLAMA_SPEC"
+ARCHITECTURES = ("gpt2", "llama")
 EOS = "<|endoftext|>"
 INFO_FILE = "demo.json"
 STAGE = "demo_pretrain"  # names the training metrics and step checkpoints
@@ -68,14 +71,39 @@ class DemoSpec:
     eval_every: int = 100
     # Step checkpoints: what a Ctrl-C'd build resumes from and a diverged one rolls back to.
     checkpoint_every: int = 100
+    # Added with demo-llama. They are left out of the cache hash while they hold these defaults,
+    # so the GPT-2 specs keep the hashes (and the cached models) they had before.
+    architecture: str = "gpt2"
+    n_kv_head: int | None = None  # llama: key/value heads (grouped-query attention)
+    intermediate_size: int | None = None  # llama: width of the SwiGLU MLP
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise SentinelError(f"demo spec {self.name!r}: architecture {self.architecture!r} is not one of "
+                                f"{', '.join(ARCHITECTURES)}")
+        if self.architecture == "llama":
+            if not self.n_kv_head or self.n_head % self.n_kv_head or not self.intermediate_size:
+                raise SentinelError(f"demo spec {self.name!r}: a llama spec needs n_kv_head dividing n_head "
+                                    f"({self.n_head}) and an intermediate_size")
+        elif self.n_kv_head is not None or self.intermediate_size is not None:
+            raise SentinelError(f"demo spec {self.name!r}: n_kv_head and intermediate_size are llama-only")
 
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.block_size
 
     def describe(self) -> str:
-        return (f"{self.n_layer}-layer x {self.n_head}-head GPT-2, d={self.n_embd}, "
-                f"BPE vocab {self.vocab_size}, {self.max_steps} steps of {self.batch_size}x{self.block_size} tokens")
+        if self.architecture == "llama":
+            shape = (f"{self.n_layer}-layer LLaMA, {self.n_head} query heads in {self.n_kv_head} KV groups, "
+                     f"d={self.n_embd}")
+        else:
+            shape = f"{self.n_layer}-layer x {self.n_head}-head GPT-2, d={self.n_embd}"
+        return f"{shape}, BPE vocab {self.vocab_size}, {self.max_steps} steps of {self.batch_size}x{self.block_size} tokens"
+
+
+# Fields added after BUILD_FORMAT 1, with the values every GPT-2 spec has: the cache hash leaves a
+# field out while it holds this value (see demo_model_dir).
+_LATER_FIELDS = {"architecture": "gpt2", "n_kv_head": None, "intermediate_size": None}
 
 
 # Training throughput of FULL measured on 2 idle CPU cores (bench/bench_demo.py --time-steps:
@@ -107,16 +135,42 @@ TINY = DemoSpec(
     max_train_chars=200_000, max_eval_chars=40_000, eval_blocks=8, eval_every=20, checkpoint_every=20,
 )
 
-SPECS = {spec.name: spec for spec in (FULL, TINY)}
+# The GQA demo (`--model demo-llama`), for comparing the KV-group-aware strategies on a trained
+# model offline. Why these values:
+# - 16 query heads of dim 16 in 4 key/value groups of 4 (Llama 3's group size): 25% and 50% of the
+#   heads are then whole KV groups (1 or 2 of 4 per layer) and whole heads per group (1 or 2 of
+#   4), so `kv-groups`, `per-group` and `global` can be compared at exactly the same size.
+# - d=256, 6 layers, SwiGLU width 688 (8/3 d, so the MLP has GPT-2's 8 d^2 parameters), RoPE,
+#   tied embeddings: the GPT-2 demo's size and budget (6.3M parameters), trained by the same
+#   recipe on the same tokenizer settings and corpus.
+LLAMA = DemoSpec(
+    name="llama", architecture="llama", n_layer=6, n_head=16, n_kv_head=4, n_embd=256, intermediate_size=688,
+    n_positions=256, vocab_size=8192, block_size=128, batch_size=16, learning_rate=1e-3, max_steps=400,
+    warmup_fraction=0.05, seed=0,
+)
+
+# The tiny LLaMA for tests: 2 layers, 4 query heads in 2 KV groups; says nothing about quality.
+LLAMA_TINY = DemoSpec(
+    name="llama-tiny", architecture="llama", n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128,
+    n_positions=256, vocab_size=1000, block_size=64, batch_size=8, learning_rate=1e-3, max_steps=20,
+    warmup_fraction=0.1, seed=0, max_train_chars=200_000, max_eval_chars=40_000, eval_blocks=8, eval_every=20,
+    checkpoint_every=20,
+)
+
+SPECS = {spec.name: spec for spec in (FULL, TINY, LLAMA, LLAMA_TINY)}
+
+# Model names that mean a demo model -> (environment variable choosing its spec, default spec).
+DEMO_MODELS = {"demo": (SPEC_ENV, FULL.name), "demo-llama": (LLAMA_SPEC_ENV, LLAMA.name)}
 
 
-def resolve_spec(spec: DemoSpec | str | None = None) -> DemoSpec:
-    """A DemoSpec from a spec, a name (``full``/``tiny``), or ``SENTINEL_DEMO_SPEC`` (default full)."""
+def resolve_spec(spec: DemoSpec | str | None = None, *, env: str = SPEC_ENV, default: str = FULL.name) -> DemoSpec:
+    """A DemoSpec from a spec, a name (``full``/``tiny``/``llama``/``llama-tiny``), or the environment
+    variable ``env`` (``SENTINEL_DEMO_SPEC`` unless given; default ``default``)."""
     if isinstance(spec, DemoSpec):
         return spec
     if spec is None:
-        spec = os.environ.get(SPEC_ENV, "").strip() or FULL.name
-        source = f"{SPEC_ENV}={spec!r}"
+        spec = os.environ.get(env, "").strip() or default
+        source = f"{env}={spec!r}"
     else:
         source = f"demo spec {spec!r}"
     if spec not in SPECS:
@@ -124,11 +178,22 @@ def resolve_spec(spec: DemoSpec | str | None = None) -> DemoSpec:
     return SPECS[spec]
 
 
+def demo_spec_for(model_name: str) -> DemoSpec:
+    """The spec that a demo model name (``demo``, ``demo-llama``) stands for, honouring the
+    environment variable that picks its spec (``SENTINEL_DEMO_SPEC``, ``SENTINEL_DEMO_LLAMA_SPEC``)."""
+    if model_name not in DEMO_MODELS:
+        raise SentinelError(f"{model_name!r} is not a demo model; use one of {', '.join(DEMO_MODELS)}")
+    env, default = DEMO_MODELS[model_name]
+    return resolve_spec(None, env=env, default=default)
+
+
 def demo_model_dir(spec: DemoSpec | str | None = None, *, cache_dir: str | os.PathLike | None = None) -> Path:
     """Where the demo model for ``spec`` lives (whether or not it is built yet)."""
     spec = resolve_spec(spec)
-    blob = json.dumps({"spec": dataclasses.asdict(spec), "format": BUILD_FORMAT,
-                       "corpus": corpus_dir(cache_dir).name}, sort_keys=True)
+    fields = {key: value for key, value in dataclasses.asdict(spec).items()
+              if not (key in _LATER_FIELDS and value == _LATER_FIELDS[key])}
+    blob = json.dumps({"spec": fields, "format": BUILD_FORMAT, "corpus": corpus_dir(cache_dir).name},
+                      sort_keys=True)
     return cache_root(cache_dir) / f"demo-{spec.name}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -138,8 +203,9 @@ def ensure_demo_model(quiet: bool = False, *, spec: DemoSpec | str | None = None
 
     Args:
         quiet: no announcement line and no progress bar.
-        spec: which model: a DemoSpec, ``"full"`` or ``"tiny"``; default from the
-            ``SENTINEL_DEMO_SPEC`` environment variable, else ``"full"``.
+        spec: which model: a DemoSpec or a name in :data:`SPECS` (``"full"``, ``"tiny"``,
+            ``"llama"``, ``"llama-tiny"``); default from the ``SENTINEL_DEMO_SPEC`` environment
+            variable, else ``"full"``. :func:`demo_spec_for` maps ``demo-llama`` to its spec.
         cache_dir: cache folder; default ``SENTINEL_CACHE_DIR`` or the user cache folder.
 
     Raises:
@@ -266,10 +332,21 @@ def _split(ids: Any, block_size: int, what: str) -> Any:
 
 def _new_model(spec: DemoSpec, tokenizer: Any) -> Any:
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(spec.seed)
     eos = tokenizer.eos_token_id
+    if spec.architecture == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            num_hidden_layers=spec.n_layer, num_attention_heads=spec.n_head, num_key_value_heads=spec.n_kv_head,
+            hidden_size=spec.n_embd, head_dim=spec.n_embd // spec.n_head, intermediate_size=spec.intermediate_size,
+            max_position_embeddings=spec.n_positions, vocab_size=len(tokenizer), tie_word_embeddings=True,
+            bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, attention_dropout=0.0,
+        )
+        return LlamaForCausalLM(config)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
     config = GPT2Config(n_layer=spec.n_layer, n_head=spec.n_head, n_embd=spec.n_embd,
                         n_positions=spec.n_positions, vocab_size=len(tokenizer), bos_token_id=eos,
                         eos_token_id=eos, pad_token_id=eos, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)

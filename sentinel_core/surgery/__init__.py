@@ -25,6 +25,7 @@ from sentinel_core.surgery.ops import (
     grow_heads,
     mask_heads,
     prune_heads,
+    relaid_state_dict,
     unmask_heads,
 )
 from sentinel_core.surgery.slices import HeadSlice, head_slices, head_weights
@@ -47,6 +48,7 @@ __all__ = [
     "mask_heads",
     "prune_heads",
     "register_adapter",
+    "relaid_state_dict",
     "registered_adapters",
     "supported_architectures",
     "unmask_heads",

@@ -322,11 +322,10 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             f"dense export keeps the original shapes, but grown heads {grown} (layer: ids) are active; "
             f"prune or mask them first, or save without dense=True"
         )
-    state = dict(model.state_dict())
-    names = {module: name for name, module in model.named_modules()}
     h = hm.original_num_heads
     g0 = adapter.original_group_size()
-    for layer, attn in enumerate(adapter.attention_modules()):
+    layouts: list[tuple[list[Source], list[Source]]] = []
+    for layer in range(hm.num_layers):
         slots = hm.layers[layer]
         active = set(hm.active(layer))
         group = hm.group_sizes[layer]
@@ -335,11 +334,29 @@ def dense_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for s, i in enumerate(slots):
             if i in active:
                 kv_src[i // g0] = s // group
+        layouts.append((q_src, kv_src))
+    return relaid_state_dict(model, layouts)
+
+
+def relaid_state_dict(model: nn.Module, layouts: list[tuple[list[Source], list[Source]]]) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every layer's per-head tensors rebuilt to another layout.
+
+    ``layouts[l] = (q_src, kv_src)`` lists, for each query slot and each key/value slot of the
+    new layer ``l``, the current slot its weights come from, or ``None`` for zeros. The model
+    is not changed. Used by the dense export and by ``sentinel_core.export``.
+    """
+    adapter = get_adapter(model)
+    hm = _head_map(adapter)
+    state = dict(model.state_dict())
+    names = {module: name for name, module in model.named_modules()}
+    for layer, attn in enumerate(adapter.attention_modules()):
+        q_src, kv_src = layouts[layer]
         prefix = names[attn]
         head_dim = adapter.head_dim(attn)
         for spec in adapter.head_params(attn):
             key = f"{prefix}.{spec.path}"
             if key not in state or state[key] is None:
                 continue
-            state[key] = gather_param(state[key], spec, head_dim, q_src, kv_src, len(slots), hm.num_kv_slots(layer))
+            state[key] = gather_param(state[key], spec, head_dim, q_src, kv_src, hm.num_slots(layer),
+                                      hm.num_kv_slots(layer))
     return state
