@@ -27,6 +27,7 @@ PRUNE_MODES = ("remove", "mask")
 EXPORT_FORMATS = ("transformers", "dense")
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 SECTIONS = ("model and data", "pruning", "fine-tuning", "growth", "evaluation", "run")
 
@@ -76,6 +77,8 @@ class ExperimentConfig:
         None, "Attention kernel to load the model with.", section="model and data", choices=ATTN_IMPLEMENTATIONS,
         default_text="the model's own")
     trust_remote_code: bool = setting(False, "Allow a Hub model's own Python code to run.", section="model and data")
+    dtype: str = setting("auto", "The dtype to load the model in (auto: as the checkpoint stores it).",
+                         section="model and data", choices=DTYPES)
     device: str = setting("auto", "auto, cpu, cuda, cuda:N or mps.", section="model and data")
 
     # -- pruning
@@ -111,6 +114,11 @@ class ExperimentConfig:
                                     minimum=1)
     mixed_precision: str = setting("auto", "auto: bf16 (or fp16) on GPUs, none on the CPU.", section="fine-tuning",
                                    choices=MIXED_PRECISION)
+    master_weights: str = setting("float32", "Weights of a bf16/fp16 model train as a float32 copy with autocast, "
+                                             "and are saved in the loaded dtype ('model': train in that dtype).",
+                                  section="fine-tuning", choices=("float32", "model"))
+    gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, "
+                                                  "about a third more compute.", section="fine-tuning")
     lora_rank: int = setting(0, "Train LoRA adapters of this rank (merged at the end of each stage); 0 trains "
                                 "every weight.", section="fine-tuning", minimum=0)
     lora_alpha: float | None = setting(None, "LoRA scaling numerator (the update is alpha / rank x B A).",
@@ -152,7 +160,10 @@ class ExperimentConfig:
     seed: int = setting(42, "Random seed (also picks the validation part of single-file data).", section="run",
                         minimum=0)
     test_mode: bool = setting(False, "A few steps on a little data: a smoke test of every stage.", section="run")
-    quiet: bool = setting(False, "No progress bars (metrics are still logged).", section="run", display_only=True)
+    quiet: bool = setting(False, "No progress bars or progress lines (metrics are still logged).", section="run",
+                          display_only=True)
+    log_every: int = setting(20, "Off a terminal, print a progress line every N training steps.", section="run",
+                             minimum=1, display_only=True)
     export: str | None = setting(None, "After the final stage, also write a stock checkpoint to DIR/export "
                                        "(transformers: the smallest one stock transformers opens; dense: original "
                                        "shapes).", section="run", choices=EXPORT_FORMATS, default_text="no export")

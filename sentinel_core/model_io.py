@@ -46,9 +46,13 @@ def _dtype_of(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+DEVICE_MAPS = ("auto", "balanced", "sequential")
+
+
 def _parse_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
+    """A torch dtype from ``dtype`` (``"auto"`` and None: as the checkpoint stores it)."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype
     if isinstance(dtype, str):
         value = getattr(torch, dtype.removeprefix("torch."), None)
         if isinstance(value, torch.dtype) and value.is_floating_point:
@@ -466,13 +470,20 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     attn_implementation: str | None = None,
     trust_remote_code: bool = False,
+    device_map: str | None = None,
 ) -> tuple[nn.Module, Any]:
     """Open a Sentinel checkpoint, or any HF causal-LM directory or hub name; returns ``(model, tokenizer)``.
 
     A Sentinel checkpoint is rebuilt from its head map and reloaded with the dtype and attention
-    implementation it was saved with (unless overridden), giving bit-identical logits. The
+    implementation it was saved with (unless overridden), giving bit-identical logits. Its
+    parameters are never initialised at random first: they are the loaded tensors. ``dtype``
+    ``"auto"`` (or None) keeps the stored dtype. ``device_map`` (``"auto"``, ``"balanced"``,
+    ``"sequential"``) spreads the layers over the GPUs and the CPU with Accelerate, for models
+    larger than one device; it is for scoring, evaluation and generation, not training. The
     tokenizer is None when the directory has none. The model is returned in eval mode.
     """
+    if device_map is not None and device_map not in DEVICE_MAPS:
+        raise SentinelError(f"device_map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
     dtype = _parse_dtype(dtype)
     name = os.fspath(name_or_path)
     directory = Path(name).expanduser()
@@ -500,7 +511,23 @@ def load_model(
     else:
         model = _load_plain(name, dtype, attn_implementation, trust_remote_code)
         tokenizer = _load_tokenizer(name, trust_remote_code)
-    if device is not None:
+    if device_map is not None:
+        model = _dispatch(model, device_map)
+    elif device is not None:
         model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _dispatch(model: nn.Module, device_map: str) -> nn.Module:
+    """Place ``model``'s layers with Accelerate's big-model inference (``infer_auto_device_map``)."""
+    from accelerate import dispatch_model, infer_auto_device_map
+    from accelerate.utils import get_balanced_memory
+
+    no_split = getattr(model, "_no_split_modules", None) or []
+    max_memory = None
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(model, no_split_module_classes=no_split, dtype=_dtype_of(model))
+    placement = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split,
+                                      dtype=_dtype_of(model))
+    return dispatch_model(model, device_map=placement)

@@ -234,7 +234,7 @@ class _Run:
         if checkpoint:
             model_source = str(self.output_dir / STAGE_CHECKPOINTS_DIR / checkpoint)
         self.model, self.tokenizer = load_model(
-            model_source, device=self.device, attn_implementation=c.attn_implementation,
+            model_source, device=self.device, attn_implementation=c.attn_implementation, dtype=c.dtype,
             trust_remote_code=c.trust_remote_code,
         )
         self.model.eval()

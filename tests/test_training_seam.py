@@ -324,3 +324,64 @@ def test_lora_errors_are_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_peft)
     with pytest.raises(SentinelError, match=r"^LoRA needs peft: pip install 'sentinel-core\[lora\]'"):
         train(make_model(), make_data(32), config(tmp_path, "np", lora_rank=2), stage="fine_tune")
+
+
+# -- precision and memory (issue #16) --------------------------------------------------------------------
+
+
+class DtypeWatch(TrainerCallback):
+    def __init__(self):
+        self.seen = []
+
+    def on_step_end(self, state, context, logs):
+        self.seen.append({p.dtype for p in context.model.parameters()})
+
+
+def test_a_bf16_model_trains_as_a_float32_master_copy_and_comes_back_in_bf16(tmp_path):
+    model = make_model(seed=6).to(torch.bfloat16)
+    start = copy.deepcopy(model.state_dict())
+    watch = DtypeWatch()
+    result = train(model, make_data(32), config(tmp_path, "master", learning_rate=1e-2), stage="fine_tune",
+                   select_on=None, callbacks=[watch])
+    assert all(seen == {torch.float32} for seen in watch.seen)
+    assert result.extra["mixed_precision"] == "bf16"  # autocast in the model's own dtype
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
+
+
+def test_tiny_updates_survive_in_the_master_copy_and_vanish_in_pure_bf16(tmp_path):
+    """Why a float32 master copy: an update far below bf16's resolution is lost in pure bf16."""
+
+    class FirstWeight(TrainerCallback):
+        def __init__(self):
+            self.values = []
+
+        def on_step_end(self, state, context, logs):
+            self.values.append(context.model.transformer.h[0].mlp.c_fc.weight.detach().float().clone())
+
+    runs = {}
+    for master in ("float32", "model"):
+        model = make_model(seed=6).to(torch.bfloat16)
+        start = model.transformer.h[0].mlp.c_fc.weight.detach().float().clone()
+        probe = FirstWeight()
+        train(model, make_data(32), config(tmp_path, master, learning_rate=1e-6, warmup_fraction=0.0,
+                                           master_weights=master, max_grad_norm=1e9),
+              stage="fine_tune", select_on=None, callbacks=[probe])
+        runs[master] = float((probe.values[-1] != start).float().mean())  # share of weights that moved
+    assert runs["float32"] > 0.9 and runs["model"] < 0.2, runs
+
+
+def test_gradient_checkpointing_is_on_while_training_and_changes_no_result(tmp_path):
+    seen = []
+
+    class Check(TrainerCallback):
+        def on_step_end(self, state, context, logs):
+            seen.append(context.model.is_gradient_checkpointing)
+
+    plain, checkpointed = make_model(seed=7), make_model(seed=7)
+    train(plain, make_data(32), config(tmp_path, "plain"), stage="fine_tune")
+    train(checkpointed, make_data(32), config(tmp_path, "gc", gradient_checkpointing=True), stage="fine_tune",
+          callbacks=[Check()])
+    assert seen and all(seen) and not checkpointed.is_gradient_checkpointing
+    for a, b in zip(plain.state_dict().values(), checkpointed.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -8,7 +8,15 @@ import click
 
 from ..fileio import dumps_strict
 from . import cli
-from .options import device_option, load_checked, model_option, seed_option, trust_option
+from .options import (
+    device_map_option,
+    device_option,
+    dtype_option,
+    load_checked,
+    model_option,
+    seed_option,
+    trust_option,
+)
 
 
 @cli.command("evaluate")
@@ -31,11 +39,13 @@ from .options import device_option, load_checked, model_option, seed_option, tru
               help="Also write the results as JSON to this file.")
 @seed_option
 @device_option
+@dtype_option
+@device_map_option
 @trust_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def evaluate_command(model: str, data: str | None, split: str, block_size: int, stride: int | None, batch_size: int,
                      max_blocks: int | None, tasks: str | None, include_path: str | None, num_fewshot: int | None,
-                     limit: int | None, output: str | None, seed: int, device: str, trust_remote_code: bool,
+                     limit: int | None, output: str | None, seed: int, device: str, dtype: str, device_map: str | None, trust_remote_code: bool,
                      as_json: bool) -> None:
     """Measure perplexity (sliding window), tokens/s and parameter counts; with --tasks, task accuracy."""
     from ..config import resolve_device
@@ -51,7 +61,8 @@ def evaluate_command(model: str, data: str | None, split: str, block_size: int, 
         raise SentinelError("--include-path, --num-fewshot and --limit apply to --tasks; add --tasks T1,T2")
     device = resolve_device(device)
     perplexity = data is not None or tasks is None  # --tasks alone scores the tasks only
-    loaded, tokenizer = load_checked(model, device=device, trust_remote_code=trust_remote_code,
+    loaded, tokenizer = load_checked(model, device=device, trust_remote_code=trust_remote_code, dtype=dtype,
+                                     device_map=device_map,
                                      block_size=block_size if perplexity else None)
     record = {"model": model, "parameters": count_parameters(loaded)}
     if perplexity:

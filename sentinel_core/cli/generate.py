@@ -5,7 +5,15 @@ from __future__ import annotations
 import click
 
 from . import cli
-from .options import device_option, load_checked, model_option, seed_option, trust_option
+from .options import (
+    device_map_option,
+    device_option,
+    dtype_option,
+    load_checked,
+    model_option,
+    seed_option,
+    trust_option,
+)
 
 
 @cli.command("generate")
@@ -18,15 +26,18 @@ from .options import device_option, load_checked, model_option, seed_option, tru
 @click.option("--greedy", is_flag=True, help="Pick the most likely token each step instead of sampling.")
 @seed_option
 @device_option
+@dtype_option
+@device_map_option
 @trust_option
 def generate_command(model: str, prompt: tuple[str, ...], max_new_tokens: int, temperature: float, top_k: int,
-                     top_p: float, greedy: bool, seed: int, device: str, trust_remote_code: bool) -> None:
+                     top_p: float, greedy: bool, seed: int, device: str, dtype: str, device_map: str | None, trust_remote_code: bool) -> None:
     """Continue PROMPT; with no PROMPT, read prompts interactively and stream the answers."""
     from ..config import resolve_device
     from ..generation import generate_text, stream_text
 
     device = resolve_device(device)
-    loaded, tokenizer = load_checked(model, device=device, trust_remote_code=trust_remote_code)
+    loaded, tokenizer = load_checked(model, device=device, trust_remote_code=trust_remote_code, dtype=dtype,
+                                     device_map=device_map)
     settings = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     seed=seed, do_sample=not greedy)
     if prompt:

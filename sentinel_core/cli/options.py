@@ -16,14 +16,21 @@ seed_option = click.option("--seed", type=int, default=42, show_default=True,
                            help="Random seed (also picks the validation split of a single-file dataset).")
 
 
+dtype_option = click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                            show_default=True, help="Load the model in this dtype (auto: as the checkpoint stores it).")
+device_map_option = click.option("--device-map", type=click.Choice(["auto", "balanced", "sequential"]), default=None,
+                                 help="Spread the model's layers over the GPUs (and the CPU) with Accelerate, for "
+                                      "models larger than one device; overrides --device.")
+
+
 def load_checked(model: str, *, device: str, trust_remote_code: bool, block_size: int | None = None,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, dtype: str = "auto", device_map: str | None = None):
     """Load ``model`` (``demo`` included) for a command, with the checks every command makes
     first (finite weights, a tokenizer, ``block_size`` within the model's positions)."""
     from ..model_io import check_model_inputs, load_model
 
     loaded, tokenizer = load_model(resolve_model(model), device=device, trust_remote_code=trust_remote_code,
-                                   attn_implementation=attn_implementation)
+                                   attn_implementation=attn_implementation, dtype=dtype, device_map=device_map)
     check_model_inputs(loaded, tokenizer, model, block_size)
     return loaded, tokenizer
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import click
 
 from . import cli
-from .options import device_option, model_option, option_assignments, seed_option, trust_option
+from .options import (
+    device_map_option,
+    device_option,
+    dtype_option,
+    model_option,
+    option_assignments,
+    seed_option,
+    trust_option,
+)
 from .score import batch_size_option, block_size_option, calibration_option, data_option, load_for_scoring
 
 
@@ -33,10 +41,12 @@ from .score import batch_size_option, block_size_option, calibration_option, dat
 @calibration_option
 @block_size_option
 @device_option
+@dtype_option
+@device_map_option
 @trust_option
 def prune_command(model: str, data: str | None, scorer: str, pruning_percent: float, output_dir: str,
                   prune_strategy: str, prune_mode: str, min_heads_per_layer: int, options: tuple[str, ...],
-                  export: str, seed: int, batch_size: int, calibration_batches: int, block_size: int, device: str,
+                  export: str, seed: int, batch_size: int, calibration_batches: int, block_size: int, device: str, dtype: str, device_map: str | None,
                   trust_remote_code: bool) -> None:
     """Score the heads of MODEL, take away the least important ones and save the result to --output-dir."""
     from .. import plugins
@@ -47,7 +57,7 @@ def prune_command(model: str, data: str | None, scorer: str, pruning_percent: fl
     from ..model_io import save_model
     from ..surgery import get_head_map
 
-    config = ExperimentConfig(model_name=model, data=data, scorer=scorer, pruning_percent=pruning_percent,
+    config = ExperimentConfig(model_name=model, data=data, scorer=scorer, pruning_percent=pruning_percent, dtype=dtype,
                               prune_strategy=prune_strategy, prune_mode=prune_mode,
                               min_heads_per_layer=min_heads_per_layer, seed=seed, batch_size=batch_size,
                               calibration_batches=calibration_batches, block_size=block_size, device=device,
@@ -56,7 +66,7 @@ def prune_command(model: str, data: str | None, scorer: str, pruning_percent: fl
     # The folder is checked before the model loads, and again when the model is written.
     check_model_folder(output_dir, what="--output-dir")
     check_no_overlap(output_dir, {"model": model, "data": data}, what="--output-dir")
-    loaded, tokenizer, calibration = load_for_scoring(config)
+    loaded, tokenizer, calibration = load_for_scoring(config, device_map)
     before = get_head_map(loaded)
     card = {"base_model": model, "calibration_data": data, "scorer": scorer,
             "prune_strategy": prune_strategy, "pruning_percent": pruning_percent, "prune_mode": prune_mode,

@@ -9,7 +9,16 @@ import click
 
 from ..fileio import dumps_strict
 from . import cli
-from .options import device_option, load_checked, model_option, option_assignments, seed_option, trust_option
+from .options import (
+    device_map_option,
+    device_option,
+    dtype_option,
+    load_checked,
+    model_option,
+    option_assignments,
+    seed_option,
+    trust_option,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..config import ExperimentConfig
@@ -24,7 +33,7 @@ calibration_option = click.option("--calibration-batches", type=click.IntRange(m
 block_size_option = click.option("--block-size", type=click.IntRange(min=2), default=128, show_default=True)
 
 
-def load_for_scoring(config: ExperimentConfig) -> tuple[Any, Any, list[dict[str, Any]]]:
+def load_for_scoring(config: ExperimentConfig, device_map: str | None = None) -> tuple[Any, Any, list[dict[str, Any]]]:
     """Load the model, its tokenizer and the calibration batches that ``config`` names.
 
     The batches are the first ``calibration_batches`` of the shuffled training blocks (seeded),
@@ -35,7 +44,8 @@ def load_for_scoring(config: ExperimentConfig) -> tuple[Any, Any, list[dict[str,
     device = resolve_device(config.device)
     model, tokenizer = load_checked(config.model_name, device=device, trust_remote_code=config.trust_remote_code,
                                     block_size=config.block_size if config.data is not None else None,
-                                    attn_implementation=config.attn_implementation)
+                                    attn_implementation=config.attn_implementation, dtype=config.dtype,
+                                    device_map=device_map)
     model.eval()
     calibration: list[dict[str, Any]] = []
     if config.data is not None:
@@ -70,21 +80,23 @@ def score_table(scores: HeadScores) -> str:
 @calibration_option
 @block_size_option
 @device_option
+@dtype_option
+@device_map_option
 @trust_option
 @option_assignments
 @click.option("--json", "as_json", is_flag=True, help="Print HeadScores as JSON (NaN as null).")
 def score_command(model: str, data: str | None, scorer: str, seed: int, batch_size: int, calibration_batches: int,
-                  block_size: int, device: str, trust_remote_code: bool, options: tuple[str, ...],
+                  block_size: int, device: str, dtype: str, device_map: str | None, trust_remote_code: bool, options: tuple[str, ...],
                   as_json: bool) -> None:
     """Score every attention head of MODEL (higher = more important) and print the matrix."""
     from .. import plugins
     from ..config import ExperimentConfig
 
-    config = ExperimentConfig(model_name=model, data=data, scorer=scorer, seed=seed, batch_size=batch_size,
+    config = ExperimentConfig(model_name=model, data=data, scorer=scorer, seed=seed, batch_size=batch_size, dtype=dtype,
                               calibration_batches=calibration_batches, block_size=block_size, device=device,
                               trust_remote_code=trust_remote_code)
     config = plugins.check_run(config.replace(options=plugins.parse_cli_options(config, options)))
-    loaded, _, calibration = load_for_scoring(config)
+    loaded, _, calibration = load_for_scoring(config, device_map)
     result = plugins.score_heads(scorer, model=loaded, batches=calibration, config=config)
     if as_json:
         click.echo(dumps_strict(result.to_dict(), indent=2))

@@ -25,7 +25,16 @@ from .callbacks import CallbackList, TrainerCallback, TrainingContext
 from .lora import lora_callback
 from .losses import LossFn, causal_lm_loss, counted_tokens, lm_loss
 from .schedule import cosine_schedule
-from .setup import LrMultiplier, build_groups, check_stage, loop_options, make_accelerator, optimizer_groups
+from .setup import (
+    LrMultiplier,
+    build_groups,
+    check_stage,
+    loop_options,
+    make_accelerator,
+    model_dtype,
+    optimizer_groups,
+    training_precision,
+)
 from .signals import GracefulStop, StopSignals
 from .state import TrainerState
 
@@ -96,7 +105,13 @@ class _Trainer:
             eval_blocks = eval_blocks[: config.max_eval_blocks]
         self.eval_blocks = eval_blocks
 
-        self.accelerator = make_accelerator(config)
+        # A bf16/fp16 model trains as a float32 master copy (config.master_weights) and goes back
+        # to its own dtype at the end, so the saved model keeps the dtype the user loaded.
+        self.loaded_dtype = model_dtype(model)
+        master, precision = training_precision(config, self.loaded_dtype)
+        if master is not None:
+            model.to(master)
+        self.accelerator = make_accelerator(config, precision)
         acc = self.accelerator
         self.world, self.rank, self.is_main = acc.num_processes, acc.process_index, acc.is_main_process
         self.micro = config.batch_size
@@ -135,6 +150,7 @@ class _Trainer:
         was_training = self.model.training
         set_seed(self.config.seed, device_specific=True)
         self.wrapped = self.optimizer = None
+        self._checkpointing_enabled = False
         try:
             with self.signals:
                 return self._run(resume)
@@ -149,10 +165,20 @@ class _Trainer:
             # Not acc.free_memory(): its gc.collect() costs ~0.3 s per call; dropping the
             # references is enough for the optimizer state to be freed.
             self.wrapped = self.optimizer = self.accelerator = self.context.optimizer = None
+            if self._checkpointing_enabled:
+                self.original_model.gradient_checkpointing_disable()
+            if model_dtype(self.original_model) != self.loaded_dtype:
+                self.original_model.to(self.loaded_dtype)
             self.original_model.train(was_training)
 
     def _prepare(self) -> None:
         """Wrap the model (callbacks), then build the optimizer on what trains."""
+        if self.config.gradient_checkpointing and not getattr(self.model, "is_gradient_checkpointing", False):
+            if not getattr(self.model, "supports_gradient_checkpointing", False):
+                raise SentinelError(f"{type(self.model).__name__} does not support gradient checkpointing; "
+                                    "drop --gradient-checkpointing")
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self._checkpointing_enabled = True
         self.model = self.callbacks.wrap(self.model, self.state, self.context)
         # The parameters that train now (a wrapper may have frozen some and added others).
         groups = self.train_groups = build_groups(self.model, self.param_groups)
@@ -203,6 +229,7 @@ class _Trainer:
             "gradient_accumulation_steps": c.gradient_accumulation_steps, "max_grad_norm": c.max_grad_norm,
             "seed": c.seed, "max_eval_blocks": c.max_eval_blocks,
             "mixed_precision": self.accelerator.mixed_precision, "world_size": self.world,
+            "dtype": str(self.loaded_dtype).removeprefix("torch."), "master_weights": c.master_weights,
             "total_steps": self.total, "train_blocks": list(self.train_blocks.shape),
             "train_digest": _digest(self.train_blocks), "eval_blocks": list(self.eval_blocks.shape),
             "eval_digest": _digest(self.eval_blocks),

@@ -64,12 +64,35 @@ def check_stage(stage: str) -> None:
         raise SentinelError(f"stage {stage!r} must be a word of letters, digits, '_', '-' or '.', e.g. 'fine_tune'")
 
 
-def make_accelerator(config: ExperimentConfig):
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (the first one's)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
+def training_precision(config: ExperimentConfig, loaded: torch.dtype) -> tuple[torch.dtype | None, str]:
+    """``(master dtype, mixed precision)`` for a model loaded in ``loaded``.
+
+    A bf16 or fp16 model trains as a float32 master copy with autocast in its own dtype (the
+    usual mixed-precision recipe: AdamW's updates are far below bf16's resolution near 1), unless
+    ``master_weights="model"`` asks to train in the loaded dtype. ``mixed_precision`` left at
+    ``auto`` then follows the model: bf16 autocast for a bf16 model, fp16 (with loss scaling, on a
+    GPU) for an fp16 one.
+    """
+    device = resolve_device(config.device)
+    half = loaded in (torch.bfloat16, torch.float16)
+    master = torch.float32 if half and config.master_weights == "float32" else None
+    setting = config.mixed_precision
+    if setting == "auto" and master is not None:
+        setting = "bf16" if loaded == torch.bfloat16 or not device.startswith("cuda") else "fp16"
+    return master, resolve_mixed_precision(setting, device)
+
+
+def make_accelerator(config: ExperimentConfig, precision: str | None = None):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, PartialState
 
     device = resolve_device(config.device)
-    precision = resolve_mixed_precision(config.mixed_precision, device)
+    precision = precision or resolve_mixed_precision(config.mixed_precision, device)
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if device.startswith("cuda:") and not launched:
         torch.cuda.set_device(int(device.partition(":")[2]))
