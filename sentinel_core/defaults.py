@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 from typing import Any
 from urllib.parse import urlparse
 
 from .config import DEFAULT_HUB_DATA, DEFAULT_HUB_MODEL, ExperimentConfig
+from .log import get_logger
+
+log = get_logger()
 
 DEMO = "demo"
 DEMO_LLAMA = "demo-llama"
@@ -65,19 +67,17 @@ def resolve_model_and_data(config: ExperimentConfig, *, announce: bool = True) -
     if model is None:
         model = DEFAULT_HUB_MODEL if online else DEMO
         if model == DEMO and announce:
-            print(f"Hugging Face Hub unreachable: using the embedded demo model instead of {DEFAULT_HUB_MODEL}.",
-                  file=sys.stderr)
+            log.info(f"Hugging Face Hub unreachable: using the embedded demo model instead of {DEFAULT_HUB_MODEL}.")
     if data is None:
         if is_demo_name(model) or not online:
             data = DEMO
             if not is_demo_name(model) and announce:
-                print(f"Hugging Face Hub unreachable: using the embedded demo corpus instead of {DEFAULT_HUB_DATA}.",
-                      file=sys.stderr)
+                log.info(f"Hugging Face Hub unreachable: using the embedded demo corpus instead of {DEFAULT_HUB_DATA}.")
         else:
             data = DEFAULT_HUB_DATA
     if is_demo_name(model) and announce and config.model_name == model:
         kind = "a small LLaMA with grouped-query attention" if model == DEMO_LLAMA else "a small GPT-2"
-        print(f"Using the embedded demo model ({kind} trained on Shakespeare).", file=sys.stderr)
+        log.info(f"Using the embedded demo model ({kind} trained on Shakespeare).")
     return resolve_model(model, quiet=config.quiet), data
 
 

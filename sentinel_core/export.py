@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,9 @@ from torch import nn
 from .config import EXPORT_FORMATS as FORMATS
 from .errors import SentinelError
 from .folders import check_no_overlap
+from .log import get_logger
+
+log = get_logger()
 
 LLAMA_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 EXPORT_DIR = "export"  # inside a run folder, for `sentinel run --export`
@@ -169,7 +171,7 @@ def export_model(model: nn.Module, tokenizer: Any, out: str | os.PathLike, *, fo
         )
     if not quiet:
         for note in report.notes:
-            print(f"export: {note}", file=sys.stderr)
+            log.info(f"export: {note}")
     return report
 
 

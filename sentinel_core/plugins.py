@@ -26,7 +26,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,9 +35,12 @@ import pluggy
 
 from . import __version__, hookspecs
 from .errors import SentinelError
+from .log import get_logger
 from .metrics import MetricEvent
 from .options import Option, merge_declarations, parse_assignments, resolve_options
 from .results import HOOK_KINDS, FineTuneResult, GrowthResult, HeadScores, PruneResult, Strategy
+
+log = get_logger()
 
 if TYPE_CHECKING:  # pragma: no cover
     import click
@@ -137,7 +139,7 @@ def _fail(entry_point: str, name: str, version: str | None, exc: BaseException) 
     if _env_flag("SENTINEL_STRICT_PLUGINS"):
         raise PluginLoadError(failure.describe() + " (SENTINEL_STRICT_PLUGINS=1)") from exc
     failures.append(failure)
-    print(f"Warning: {failure.describe()}", file=sys.stderr)
+    log.warning(f"Warning: {failure.describe()}")
 
 
 def load_plugins() -> None:
@@ -482,8 +484,8 @@ def notify(hook: str, **kwargs: Any) -> None:
             raise
         except Exception as exc:  # noqa: BLE001 - an observer must not abort the run
             _switched_off.add(key)
-            print(f"Warning: plugin {plugin_label(impl.plugin_name)} failed in {hook} and is switched off for the "
-                  f"rest of this run: {type(exc).__name__}: {_first_line(exc)}", file=sys.stderr)
+            log.warning(f"Warning: plugin {plugin_label(impl.plugin_name)} failed in {hook} and is switched off for the "
+                  f"rest of this run: {type(exc).__name__}: {_first_line(exc)}")
 
 
 def emit(stage: str, step: int | None = None, **values: Any) -> MetricEvent:

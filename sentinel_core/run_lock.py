@@ -23,6 +23,9 @@ from typing import Any
 from .errors import SentinelError
 from .fileio import write_json_atomic
 from .folders import LOCK_FILES
+from .log import get_logger
+
+log = get_logger()
 
 LOCK_FILE, OWNER_FILE = LOCK_FILES
 
@@ -86,8 +89,7 @@ class RunLock:
         self._lock = lock
         previous = _read_owner(self.folder)
         if previous and previous.get("pid") != os.getpid():
-            print(f"Note: taking over {str(self.folder)!r} from {_describe(previous)}, which no longer runs.",
-                  file=sys.stderr)
+            log.warning(f"Note: taking over {str(self.folder)!r} from {_describe(previous)}, which no longer runs.")
         write_json_atomic(self.folder / OWNER_FILE, {
             "pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
             "command": _command_line(),

@@ -6,14 +6,16 @@ and stores what they return in ``state.json``; ``summary.json`` is assembled fro
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from torch import nn
 
 from .config import ExperimentConfig
 from .errors import SentinelError
+from .log import get_logger
 from .plugins import emit
+
+log = get_logger()
 
 # Blocks of the validation split that the speed comparison times, in batches of the run's
 # batch size: enough to average over several forward passes, few enough to stay a small part
@@ -69,8 +71,8 @@ def measure_speed(model: nn.Module, baseline_source: str, blocks: Any, config: E
         # Hours of work are done by now; a baseline that cannot be reopened (moved, or a Hub
         # model out of reach) costs the timed comparison only, and the summary says so.
         message = (str(exc).splitlines() or [type(exc).__name__])[0]
-        print(f"Warning: the speed comparison is skipped: the unpruned model {baseline_source!r} cannot be "
-              f"reloaded ({message[:200]}); the summary's speed is the indicative single pass", file=sys.stderr)
+        log.warning(f"Warning: the speed comparison is skipped: the unpruned model {baseline_source!r} cannot be "
+              f"reloaded ({message[:200]}); the summary's speed is the indicative single pass")
         return {"skipped": message[:300]}
     try:
         timed = blocks[: SPEED_BATCHES * config.batch_size]

@@ -75,7 +75,13 @@ def load_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     tensors = load_file(os.fspath(path), device="cpu")
     with safe_open(os.fspath(path), framework="pt") as handle:
         meta = handle.metadata() or {}
-    for alias, target in json.loads(meta.get(ALIASES_KEY, "{}")).items():
+    if ALIASES_KEY in meta:
+        aliases = json.loads(meta[ALIASES_KEY])
+    else:
+        # Files from before ALIASES_KEY (safetensors.torch.save_model) name each dropped alias
+        # as a metadata key whose value is the tensor kept in the file.
+        aliases = {key: value for key, value in meta.items() if key not in tensors and value in tensors}
+    for alias, target in aliases.items():
         tensors[alias] = tensors[target]
     return tensors
 

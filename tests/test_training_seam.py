@@ -376,12 +376,12 @@ def test_gradient_checkpointing_is_on_while_training_and_changes_no_result(tmp_p
 
     class Check(TrainerCallback):
         def on_step_end(self, state, context, logs):
-            seen.append(context.model.is_gradient_checkpointing)
+            seen.append(context.model.is_activation_checkpointing)
 
     plain, checkpointed = make_model(seed=7), make_model(seed=7)
     train(plain, make_data(32), config(tmp_path, "plain"), stage="fine_tune")
     train(checkpointed, make_data(32), config(tmp_path, "gc", gradient_checkpointing=True), stage="fine_tune",
           callbacks=[Check()])
-    assert seen and all(seen) and not checkpointed.is_gradient_checkpointing
+    assert seen and all(seen) and not checkpointed.is_activation_checkpointing
     for a, b in zip(plain.state_dict().values(), checkpointed.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

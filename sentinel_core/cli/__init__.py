@@ -100,11 +100,15 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 @click.group(cls=SentinelGroup)
 @click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
               help="Show the versions of sentinel-core and its plugins, then exit.")
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks of errors.")
+@click.option("-v", "--verbose", is_flag=True, help="More messages (debug), the libraries' info, and tracebacks of errors.")
+@click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only (progress lines and notes hidden).")
 @click.pass_context
-def cli(ctx: click.Context, verbose: bool) -> None:
+def cli(ctx: click.Context, verbose: bool, quiet: bool) -> None:
     """Sentinel: prune, fine-tune and regrow the attention heads of language models."""
+    from ..log import NORMAL, QUIET, VERBOSE, configure
+
     ctx.obj = {"verbose": verbose}
+    configure(VERBOSE if verbose else QUIET if quiet else NORMAL)
 
 
 def _raise_terminated(signum: int, frame: object) -> None:

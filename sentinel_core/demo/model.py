@@ -20,7 +20,6 @@ import math
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -28,8 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SentinelError
+from ..log import get_logger
 from .cache import cache_root
 from .corpus import corpus_dir, demo_corpus_files
+
+log = get_logger()
 
 SPEC_ENV = "SENTINEL_DEMO_SPEC"
 LLAMA_SPEC_ENV = "SENTINEL_DEMO_LLAMA_SPEC"
@@ -224,8 +226,7 @@ def ensure_demo_model(quiet: bool = False, *, spec: DemoSpec | str | None = None
         lock.acquire(timeout=0)
     except Timeout:
         if not quiet:
-            print(f"Waiting for another process that is training the demo model into {target} ...",
-                  file=sys.stderr, flush=True)
+            log.info(f"Waiting for another process that is training the demo model into {target} ...")
         lock.acquire()
     try:
         if (target / INFO_FILE).is_file():  # built by the process we waited for
@@ -236,8 +237,8 @@ def ensure_demo_model(quiet: bool = False, *, spec: DemoSpec | str | None = None
         if target.exists():  # a directory without demo.json is not ours to trust
             shutil.rmtree(target)
         if not quiet:
-            print(f"Training the demo model once ({spec.describe()}): about {_estimate(spec)} on 2 CPU cores, "
-                  f"less on more cores or a GPU; later runs reuse {target}", file=sys.stderr, flush=True)
+            log.info(f"Training the demo model once ({spec.describe()}): about {_estimate(spec)} on 2 CPU cores, "
+                  f"less on more cores or a GPU; later runs reuse {target}")
         # The training loop keeps step checkpoints in workdir, so a build stopped by Ctrl-C
         # resumes where it stopped next time; any other failure discards it.
         workdir = target.parent / f".{target.name}.work"

@@ -40,7 +40,6 @@ The functions here are pure: they read scores and a head map and return ``{layer
 from __future__ import annotations
 
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,6 +48,7 @@ import torch
 
 from ..errors import SentinelError
 from ..hookspecs import hookimpl
+from ..log import get_logger
 from ..options import Option
 from ..plugins import emit
 from ..results import HeadScores, PruneResult, Strategy
@@ -65,6 +65,8 @@ from .selection import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..surgery.headmap import HeadMap
+
+log = get_logger()
 
 KV_GROUPS = "kv-groups"
 PER_GROUP = "per-group"
@@ -103,7 +105,7 @@ def prune_groups(strategy, model, scores, config) -> PruneResult:
 
     selected = select(config.min_heads_per_layer)
     choice = describe_choice(strategy, head_map, selected, config.pruning_percent, uniform=uniform)
-    print(choice.message, file=sys.stderr)
+    log.info(choice.message)
     emit("prune", **choice.values)
     unconstrained = _count(select(0)) if config.min_heads_per_layer else _count(selected)
     if unconstrained > _count(selected):

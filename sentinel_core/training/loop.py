@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
@@ -17,6 +16,7 @@ from torch import nn
 
 from ..config import ExperimentConfig
 from ..errors import SentinelError
+from ..log import get_logger
 from ..plugins import collect_training_callbacks, emit
 from ..results import FineTuneResult
 from ..run_files import RUN_CONFIG_FILE
@@ -24,6 +24,7 @@ from . import checkpoints as ckpt
 from .callbacks import CallbackList, TrainerCallback, TrainingContext
 from .lora import lora_callback
 from .losses import LossFn, causal_lm_loss, counted_tokens, lm_loss
+from .progress import ProgressReporter
 from .schedule import cosine_schedule
 from .setup import (
     LrMultiplier,
@@ -38,6 +39,7 @@ from .setup import (
 from .signals import GracefulStop, StopSignals
 from .state import TrainerState
 
+log = get_logger("training")
 _DEFAULT = object()  # select_on not given: follow the loss the loop trains with
 _RESUME_COMMAND = "Interrupted: resume with `sentinel run --resume {output_dir}`"
 SELECT_ON = ("eval_loss", "eval_objective")
@@ -93,8 +95,10 @@ class _Trainer:
             raise SentinelError("select_on='eval_objective' needs a loss_fn; the default loss's objective is eval_loss")
         self.select_on = select_on
         # LoRA first: it wraps first and merges last, around whatever the others do.
+        self.progress = ProgressReporter()
         self.callbacks = CallbackList([*lora_callback(config), *callbacks,
-                                       *collect_training_callbacks(model=model, config=config, stage=stage)])
+                                       *collect_training_callbacks(model=model, config=config, stage=stage),
+                                       self.progress])
 
         blocks = data.train.blocks
         if not isinstance(blocks, torch.Tensor) or blocks.dim() != 2 or blocks.shape[1] < 2:
@@ -139,7 +143,6 @@ class _Trainer:
         self._seconds_before = 0.0
         self._session_start = time.perf_counter()
         self._saved_step: int | None = None
-        self._bar = None
         self._rng_at_step_start: dict[str, torch.Tensor] | None = None
 
     # -- public entry ------------------------------------------------------------------------
@@ -158,26 +161,28 @@ class _Trainer:
             self._on_interrupt(saved=isinstance(exc, GracefulStop))
             raise
         finally:
-            if self._bar is not None:
-                self._bar.close()
+            self.progress.close()
             if self.wrapped is not None:
                 self.accelerator.unwrap_model(self.wrapped, keep_fp32_wrapper=False)  # undo autocast on forward
             # Not acc.free_memory(): its gc.collect() costs ~0.3 s per call; dropping the
             # references is enough for the optimizer state to be freed.
             self.wrapped = self.optimizer = self.accelerator = self.context.optimizer = None
             if self._checkpointing_enabled:
-                self.original_model.gradient_checkpointing_disable()
+                _checkpointing(self.original_model, "disable")()
             if model_dtype(self.original_model) != self.loaded_dtype:
                 self.original_model.to(self.loaded_dtype)
             self.original_model.train(was_training)
 
     def _prepare(self) -> None:
         """Wrap the model (callbacks), then build the optimizer on what trains."""
-        if self.config.gradient_checkpointing and not getattr(self.model, "is_gradient_checkpointing", False):
+        if self.config.gradient_checkpointing and not _is_checkpointing(self.model):
             if not getattr(self.model, "supports_gradient_checkpointing", False):
                 raise SentinelError(f"{type(self.model).__name__} does not support gradient checkpointing; "
                                     "drop --gradient-checkpointing")
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.model, "activation_checkpointing_enable"):
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self._checkpointing_enabled = True
         self.model = self.callbacks.wrap(self.model, self.state, self.context)
         # The parameters that train now (a wrapper may have frozen some and added others).
@@ -207,7 +212,6 @@ class _Trainer:
             self._say(f"Resuming {self.stage} from step {self.state.step} of {self.total} ({found})")
             self._emit(self.state.step, resumed=True, resumed_from_step=self.state.step)
         self._session_start = time.perf_counter()
-        self._open_progress()
         self.model.train()
         self.callbacks.fire("on_train_begin", self.state, self.context)
         self.phase = "idle"
@@ -349,9 +353,6 @@ class _Trainer:
             values["skipped"] = True
         self.callbacks.fire("on_step_end", state, self.context, values)
         self._emit(state.step, **values)
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss_value:.3f}", ppl=f"{_ppl(loss_value):.1f}", refresh=False)
         if not good:
             self._say(f"{self.stage}: step {state.step} has a non-finite loss or gradient; skipped it "
                       f"({state.bad_in_row} in a row)")
@@ -616,9 +617,6 @@ class _Trainer:
             setattr(self.state, key, value)
         self.state.bad_in_row = 0
         self.phase = "idle"
-        if self._bar is not None:
-            self._bar.reset(total=self.total)
-            self._bar.update(self.state.step)
         self._say(f"{self.stage}: {reason}; rolled back from step {from_step} to step {self.state.step} "
                   f"with the learning rate scaled to {self.state.lr_scale:g}x", force=True)
         self._emit(self.state.step, rollback=True, lr_scale=self.state.lr_scale, rolled_back_from=from_step,
@@ -680,23 +678,14 @@ class _Trainer:
             return
         output_dir = Path(self.config.output_dir)
         if self.resume_hint:
-            print(self.resume_hint.format(step=self.state.step, stage=self.stage), file=sys.stderr)
+            log.warning(self.resume_hint.format(step=self.state.step, stage=self.stage))
         elif (output_dir / RUN_CONFIG_FILE).is_file():
-            print(_RESUME_COMMAND.format(output_dir=output_dir), file=sys.stderr)
+            log.warning(_RESUME_COMMAND.format(output_dir=output_dir))
         else:
-            print(f"Interrupted: {self.stage} checkpoint in {self.directory}; call train() again with the same "
-                  f"output_dir and stage to resume", file=sys.stderr)
+            log.warning(f"Interrupted: {self.stage} checkpoint in {self.directory}; call train() again with the same "
+                        f"output_dir and stage to resume")
 
     # -- output --------------------------------------------------------------------------------
-
-    def _open_progress(self) -> None:
-        show = self.is_main and not self.config.quiet and sys.stderr.isatty()
-        if not show:
-            return
-        from tqdm.auto import tqdm
-
-        self._bar = tqdm(total=self.total, initial=self.state.step, desc=self.stage, unit="step",
-                         dynamic_ncols=True, file=sys.stderr)
 
     def _emit(self, step: int, **values: Any) -> None:
         if not self.is_main:
@@ -708,11 +697,14 @@ class _Trainer:
             self.signals.request("interrupt")
 
     def _say(self, message: str, *, force: bool = False) -> None:
-        if self.is_main and (force or not self.config.quiet):
-            if self._bar is not None:
-                self._bar.write(message, file=sys.stderr)
-            else:
-                print(message, file=sys.stderr)
+        """Tell the user (main process only): information, or with ``force`` a warning that
+        ``quiet`` does not hide."""
+        if not self.is_main:
+            return
+        if force:
+            log.warning(message)
+        elif not self.config.quiet:
+            log.info(message)
 
 
 def train(
@@ -774,3 +766,16 @@ def train(
     trainer = _Trainer(model, data, config, stage, param_groups=param_groups, lr_multiplier=lr_multiplier,
                        resume_hint=resume_hint, callbacks=callbacks, loss_fn=loss_fn, select_on=select_on)
     return trainer.run(resume)
+
+
+# transformers 5 renamed gradient checkpointing to activation checkpointing (the old names warn
+# and go in v6); use the new names where they exist.
+def _checkpointing(model: nn.Module, action: str):
+    new = getattr(model, f"activation_checkpointing_{action}", None)
+    return new if new is not None else getattr(model, f"gradient_checkpointing_{action}")
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))

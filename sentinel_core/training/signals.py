@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import signal
-import sys
 import threading
 from typing import Any
 
 from ..errors import RunInterrupted
+from ..log import get_logger
 
+log = get_logger()
 
 class GracefulStop(RunInterrupted):
     """Raised after a requested stop (Ctrl-C, SIGTERM) once the checkpoint is on disk."""
@@ -36,12 +37,12 @@ class StopSignals:
             raise KeyboardInterrupt
         self.request("Ctrl-C")
         if self._announce:
-            print("\nStopping after this step (press Ctrl-C again to stop at once)...", file=sys.stderr)
+            log.warning("\nStopping after this step (press Ctrl-C again to stop at once)...")
 
     def _on_sigterm(self, signum: int, frame: Any) -> None:
         self.request("SIGTERM")
         if self._announce:
-            print("\nSIGTERM received: stopping after this step...", file=sys.stderr)
+            log.warning("\nSIGTERM received: stopping after this step...")
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
