@@ -69,9 +69,7 @@ VARIANTS = [("dense", None, 0.0), ("kv-groups 25%", "kv-groups", 0.25), ("kv-gro
 def _load_plugins() -> None:
     import importlib
 
-    from sentinel_core.hooks import available_strategies
-
-    from sentinel_core.plugins import load_plugins, pm
+    from sentinel_core.plugins import available_strategies, load_plugins, pm
 
     load_plugins()
     if "magnitude" not in available_strategies("score_heads"):
@@ -284,9 +282,9 @@ def run_quality(args) -> dict:
     import torch
 
     from sentinel_core import plugins
-    from sentinel_core.cli.options import resolve_model
     from sentinel_core.config import ExperimentConfig, resolve_device
     from sentinel_core.data import batches, load_data
+    from sentinel_core.defaults import resolve_data, resolve_model
     from sentinel_core.evaluation import count_parameters, evaluate
     from sentinel_core.model_io import load_model
     from sentinel_core.training import train
@@ -295,7 +293,7 @@ def run_quality(args) -> dict:
     machine_before = _machine()
     source = resolve_model(args.model)
     model, tokenizer = load_model(source, device=device)
-    data = load_data(args.data, tokenizer, block_size=args.block_size, seed=args.seed)
+    data = load_data(resolve_data(args.data), tokenizer, block_size=args.block_size, seed=args.seed)
     val_ids = data.validation.ids[: args.max_eval_blocks * args.block_size]
     test_ids = data.test.ids if args.max_test_blocks is None else data.test.ids[: args.max_test_blocks * args.block_size]
 
@@ -325,6 +323,10 @@ def run_quality(args) -> dict:
             scores = plugins.score_heads(scorer, model=model, batches=calibration, config=config)
             for strategy in args.strategies.split(","):
                 for percent in [float(p) for p in args.percents.split(",")]:
+                    if strategy == "none":  # one reference arm, whatever the scorers and fractions
+                        if any(a["strategy"] == "none" for a in arms):
+                            continue
+                        percent = 0.0
                     arm_start = time.perf_counter()
                     pruned = copy.deepcopy(model)
                     removed = 0
@@ -345,11 +347,13 @@ def run_quality(args) -> dict:
                            "kv_bytes_per_token": cache_per_token(pruned),
                            "kv_saved": 1 - cache_per_token(pruned) / baseline["kv_bytes_per_token"],
                            "parameters": count_parameters(pruned)["total"], "pruned": after_prune,
-                           "fine_tuned": after_tune, "steps": tuned.steps,
+                           "fine_tuned": after_tune, "steps": tuned.steps, "best_step": tuned.extra.get("best_step"),
+                           "restored_best": tuned.extra.get("restored_best"),
                            "seconds": round(time.perf_counter() - arm_start, 1)}
                     arms.append(arm)
                     print(f"{scorer:<9} {strategy:<9} {percent:.0%}: removed {removed} heads, KV saved "
                           f"{arm['kv_saved']:.1%}; test ppl {after_prune['test']:.2f} -> {after_tune['test']:.2f} "
+                          f"(best step {arm['best_step']}) "
                           f"({arm['seconds']:.0f} s)", flush=True)
                     del pruned
                     torch.manual_seed(args.seed)
@@ -403,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     quality.add_argument("--data", default="demo")
     quality.add_argument("--scorers", default="gradient,magnitude")
     quality.add_argument("--strategies", default="kv-groups,per-group,global",
-                         help="'none' adds the unpruned model fine-tuned the same way (use with --percents 0)")
+                         help="'none' adds one arm: the unpruned model fine-tuned the same way")
     quality.add_argument("--percents", default="0.25,0.5")
     quality.add_argument("--steps", type=int, default=100)
     quality.add_argument("--eval-every", type=int, default=50)

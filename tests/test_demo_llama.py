@@ -90,9 +90,8 @@ def test_tiny_llama_demo_builds_a_gqa_llama_that_learned(built):
 
 
 def test_demo_llama_is_resolved_wherever_demo_is(built, monkeypatch):
-    from sentinel_core.cli.options import resolve_model
     from sentinel_core.config import ExperimentConfig
-    from sentinel_core.defaults import resolve_model_and_data
+    from sentinel_core.defaults import resolve_model, resolve_model_and_data
 
     path, cache = built
     monkeypatch.setenv("SENTINEL_CACHE_DIR", str(cache))

@@ -21,8 +21,8 @@ from . import cli
 def export_command(src: str, out: str, export_format: str, as_json: bool) -> None:
     """Write the model in SRC (a Sentinel checkpoint, a model folder, a run folder, 'demo' or
     'demo-llama') to OUT as a plain save_pretrained checkpoint that opens without Sentinel."""
+    from ..defaults import resolve_model
     from ..export import export_checkpoint
-    from .options import resolve_model
 
     report = export_checkpoint(resolve_model(src), out, format=export_format)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.describe())

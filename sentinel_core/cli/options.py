@@ -27,6 +27,7 @@ def load_checked(model: str, *, device: str, trust_remote_code: bool, block_size
                  attn_implementation: str | None = None, dtype: str = "auto", device_map: str | None = None):
     """Load ``model`` (``demo`` included) for a command, with the checks every command makes
     first (finite weights, a tokenizer, ``block_size`` within the model's positions)."""
+    from ..defaults import resolve_model
     from ..model_io import check_model_inputs, load_model
 
     loaded, tokenizer = load_model(resolve_model(model), device=device, trust_remote_code=trust_remote_code,
@@ -35,8 +36,3 @@ def load_checked(model: str, *, device: str, trust_remote_code: bool, block_size
     return loaded, tokenizer
 
 
-def resolve_model(model: str) -> str:
-    """``demo`` and ``demo-llama`` name the embedded demo models; anything else is passed to ``load_model``."""
-    from ..defaults import resolve_model as resolve
-
-    return resolve(model)
