@@ -286,6 +286,7 @@ def run_quality(args) -> dict:
     from sentinel_core.data import batches, load_data
     from sentinel_core.defaults import resolve_data, resolve_model
     from sentinel_core.evaluation import count_parameters, evaluate
+    from sentinel_core.fileio import write_json_atomic
     from sentinel_core.model_io import load_model
     from sentinel_core.training import train
 
@@ -351,6 +352,9 @@ def run_quality(args) -> dict:
                            "restored_best": tuned.extra.get("restored_best"),
                            "seconds": round(time.perf_counter() - arm_start, 1)}
                     arms.append(arm)
+                    if args.out:  # the arms so far, so that a long run that is stopped keeps them
+                        write_json_atomic(Path(args.out), {"name": "gqa-quality", "partial": True,
+                                                           "baseline": baseline, "arms": arms})
                     print(f"{scorer:<9} {strategy:<9} {percent:.0%}: removed {removed} heads, KV saved "
                           f"{arm['kv_saved']:.1%}; test ppl {after_prune['test']:.2f} -> {after_tune['test']:.2f} "
                           f"(best step {arm['best_step']}) "

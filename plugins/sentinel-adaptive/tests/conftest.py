@@ -15,14 +15,7 @@ def adaptive_plugin():
     """The plugin module, registered with Sentinel's plugin manager (unless its entry point did it)."""
     import sentinel_adaptive
 
-    from sentinel_core.plugins import load_plugins, pm
+    from sentinel_core.testing import registered_plugin
 
-    load_plugins()
-    registered_here = not pm.is_registered(sentinel_adaptive)
-    if registered_here:
-        pm.register(sentinel_adaptive, name="adaptive")
-    try:
-        yield sentinel_adaptive
-    finally:
-        if registered_here:
-            pm.unregister(sentinel_adaptive)
+    with registered_plugin(sentinel_adaptive, "adaptive") as plugin:
+        yield plugin

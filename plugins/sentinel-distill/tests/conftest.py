@@ -103,17 +103,10 @@ def distill_plugin():
     """The plugin module, registered with Sentinel's plugin manager (unless its entry point did it)."""
     import sentinel_distill
 
-    from sentinel_core.plugins import load_plugins, pm
+    from sentinel_core.testing import registered_plugin
 
-    load_plugins()
-    registered_here = not pm.is_registered(sentinel_distill)
-    if registered_here:
-        pm.register(sentinel_distill, name="distill")
-    try:
-        yield sentinel_distill
-    finally:
-        if registered_here:
-            pm.unregister(sentinel_distill)
+    with registered_plugin(sentinel_distill, "distill") as plugin:
+        yield plugin
 
 
 @pytest.fixture

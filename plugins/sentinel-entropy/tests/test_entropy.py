@@ -214,20 +214,13 @@ def test_no_batches_or_no_countable_positions_is_a_user_error():
 def test_the_strategy_is_dispatched_by_the_core_to_its_function():
     from sentinel_core import plugins
     from sentinel_core.config import ExperimentConfig
-    from sentinel_core.plugins import pm
+    from sentinel_core.testing import registered_plugin
 
     model = gpt2(8)
     batches = [right_padded([[1, 2, 3, 4]])]
     (declared,) = sentinel_entropy.register_strategies()
     assert (declared.name, declared.function) == ("entropy", entropy_scores)
-    # Already registered when load_plugins found the plugin's entry point earlier in this process.
-    registered_here = not pm.is_registered(sentinel_entropy)
-    if registered_here:
-        pm.register(sentinel_entropy, name="entropy-test")
-    try:
+    with registered_plugin(sentinel_entropy, "entropy-test"):
         results = plugins.score_heads("entropy", model=model, batches=batches, config=ExperimentConfig())
-    finally:
-        if registered_here:
-            pm.unregister(sentinel_entropy)
     assert results.strategy == "entropy"
     assert torch.allclose(results.scores, entropy_scores(model, batches).scores)

@@ -64,17 +64,10 @@ def growth_plugin():
     """The plugin module, registered with Sentinel's plugin manager for the test (unless an entry point did it)."""
     import sentinel_growth
 
-    from sentinel_core.plugins import load_plugins, pm
+    from sentinel_core.testing import registered_plugin
 
-    load_plugins()
-    registered_here = not pm.is_registered(sentinel_growth)
-    if registered_here:
-        pm.register(sentinel_growth, name="growth")
-    try:
-        yield sentinel_growth
-    finally:
-        if registered_here:
-            pm.unregister(sentinel_growth)
+    with registered_plugin(sentinel_growth, "growth") as plugin:
+        yield plugin
 
 
 @pytest.fixture

@@ -1,0 +1,35 @@
+"""Helpers for testing plugins (yours and Sentinel's own).
+
+A plugin that is installed is registered by :func:`sentinel_core.plugins.load_plugins` through
+its entry point; one that is only importable (a checkout, a test's own module) is not. Tests
+want the plugin registered either way, and want to leave the manager as they found it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+
+@contextmanager
+def registered_plugin(plugin: ModuleType | object, name: str) -> Iterator[object]:
+    """Make sure ``plugin`` is registered with Sentinel's plugin manager while the block runs.
+
+    Loads the installed plugins first; registers ``plugin`` under ``name`` only if its entry
+    point has not already done so, and unregisters it afterwards only in that case.
+
+    :param plugin: the plugin module (or object with hook implementations).
+    :param name: the name to register it under when it is not registered yet.
+    """
+    from .plugins import load_plugins, pm
+
+    load_plugins()
+    registered_here = not pm.is_registered(plugin)
+    if registered_here:
+        pm.register(plugin, name=name)
+    try:
+        yield plugin
+    finally:
+        if registered_here:
+            pm.unregister(plugin)
