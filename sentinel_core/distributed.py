@@ -264,12 +264,19 @@ def share_model(model: Any, *, after: str) -> None:
     state = model.state_dict(keep_vars=True)
     layout = [[name, list(t.shape), str(t.dtype)] for name, t in state.items()]
     reference = broadcast_json(layout)
-    if layout != reference:
-        first = next((mine, theirs) for mine, theirs in zip(layout + [None], reference + [None], strict=False)
-                     if mine != theirs)
-        raise SentinelError(f"after {after}, process {rank()} holds {first[0]} but process 0 holds {first[1]}: "
-                            "the processes changed the model differently; the strategy must decide from the "
-                            "shared scores and config alone")
+    # Every process learns which ones differ, so all of them stop rather than some waiting in
+    # a broadcast the others never join.
+    differs = [0.0] * world_size()
+    differs[rank()] = float(layout != reference)
+    odd = [index for index, flag in enumerate(all_reduce_sum(differs)) if flag]
+    if odd:
+        hint = "; a strategy must decide from the shared scores and config alone"
+        if rank() in odd:
+            first = next((mine, theirs) for mine, theirs in zip(layout + [None], reference + [None], strict=False)
+                         if mine != theirs)
+            raise SentinelError(f"after {after}, process {rank()} holds {first[0]} where process 0 holds "
+                                f"{first[1]}{hint}")
+        raise SentinelError(f"after {after}, process {odd[0]} changed the model differently from process 0{hint}")
     device = _comm_device()
     seen: set[int] = set()
     for tensor in state.values():
