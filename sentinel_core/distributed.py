@@ -19,7 +19,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from .errors import SentinelError
+from .errors import RunInterrupted, SentinelError
 
 T = TypeVar("T")
 
@@ -209,11 +209,15 @@ def _outcome_of_main(work: Callable[[], T]) -> tuple[bool, T | None]:
         try:
             result = work()
         except BaseException as exc:
-            broadcast_json({"error": _error_line(exc)})
+            interrupted = isinstance(exc, KeyboardInterrupt)
+            reason = exc.reason if isinstance(exc, RunInterrupted) else "Ctrl-C"
+            broadcast_json({"error": _error_line(exc), "interrupted": reason if interrupted else None})
             raise
         broadcast_json({"error": None})
         return True, result
     outcome = broadcast_json()
+    if outcome.get("interrupted"):  # the main process was stopped: so is this one, the same way
+        raise RunInterrupted(outcome["interrupted"])
     if outcome["error"] is not None:
         raise MainProcessFailed(outcome["error"])
     return False, None

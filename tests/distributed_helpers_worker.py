@@ -26,6 +26,10 @@ def _refuse() -> None:
     raise SentinelError("folder 'x' is taken; pick another")
 
 
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
 def _load_after_main(shared: str) -> str:
     """The main process writes the file that the other one then reads (what main_first is for)."""
     if distributed.is_main():
@@ -53,6 +57,10 @@ def two_process_worker(rank: int, port: int, queue, shared: str) -> None:
             distributed.on_main(_refuse)
         except SentinelError as exc:
             seen["error"] = [type(exc).__name__, str(exc)]
+        try:
+            distributed.on_main(_interrupt)
+        except KeyboardInterrupt as exc:
+            seen["interrupt"] = [type(exc).__name__, str(exc)]
         seen["loaded"] = distributed.main_first(lambda: _load_after_main(shared))
         torch.manual_seed(rank)  # different weights in each process
         model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 3))

@@ -119,6 +119,8 @@ def test_two_processes_share_what_the_main_one_has(tmp_path):
     assert zero["on_main"] == one["on_main"] == "decided by 0"
     assert zero["error"] == ["SentinelError", "folder 'x' is taken; pick another"]
     assert one["error"] == ["MainProcessFailed", "folder 'x' is taken; pick another"]
+    # Ctrl-C in the main process's work stops the others as an interrupt (exit code 130), not an error.
+    assert (zero["interrupt"], one["interrupt"]) == (["KeyboardInterrupt", ""], ["RunInterrupted", "Ctrl-C"])
     assert zero["loaded"] == one["loaded"] == "written by process 0"
     assert zero["weights"] == one["weights"]
     torch.manual_seed(0)  # what the main process built
