@@ -1,10 +1,11 @@
 """The whole ``sentinel run`` under two CPU processes (torchrun, gloo) against one process.
 
 Both see the same global batch (two processes of batch 2, one of batch 4), so they must select
-the same heads and reach the same perplexity; the main process alone writes the run folder and
-reports, so every training step is in ``metrics.jsonl`` once and the folder holds the files of
-a one-process run, no more. ``accelerate launch --cpu`` needs MPI for several CPU processes, so
-the processes are started with torch's own launcher, as tests/test_distributed.py does.
+the same heads, grow the same ones back and reach the same perplexity; the main process alone
+writes the run folder and reports, so every training step is in ``metrics.jsonl`` once and the
+folder holds the files of a one-process run, no more. ``accelerate launch --cpu`` needs MPI for
+several CPU processes (without it, it starts one), so the processes are started with torch's own
+launcher, as tests/test_distributed.py does.
 
 The tiny model has no dropout: with dropout each process draws its own masks (as in any
 data-parallel training), and the two trajectories would agree only statistically.
@@ -32,9 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 STOP_SCRIPT = Path(__file__).with_name("multiprocess_stop.py")
 STEPS = 4
 GLOBAL_BATCH = 4
-SETTINGS = {"scorer": "gradient", "pruning_percent": 0.25, "block_size": 32, "max_steps": STEPS, "eval_every": 2,
-            "checkpoint_every": 2, "max_eval_blocks": 8, "device": "cpu", "seed": 3, "speed_repeats": 1,
-            "log_every": 1}
+# Pruning and growth both change the model: every process must come out of each with the same one.
+SETTINGS = {"scorer": "gradient", "pruning_percent": 0.25, "growth_strategy": "gradient", "growth_percent": 0.125,
+            "block_size": 32, "max_steps": STEPS, "eval_every": 2, "checkpoint_every": 2, "max_eval_blocks": 8,
+            "device": "cpu", "seed": 3, "speed_repeats": 1, "log_every": 1}
+TRAINING_STAGES = ("fine_tune", "fine_tune_growth")
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +85,11 @@ def _files(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
 
 
-def _train_losses(folder: Path) -> dict[int, list[float]]:
-    steps: dict[int, list[float]] = {}
+def _train_losses(folder: Path) -> dict[tuple[str, int], list[float]]:
+    steps: dict[tuple[str, int], list[float]] = {}
     for event in read_metrics(folder):
-        if event["stage"] == "fine_tune" and "loss" in event:
-            steps.setdefault(event["step"], []).append(event["loss"])
+        if event["stage"] in TRAINING_STAGES and "loss" in event:
+            steps.setdefault((event["stage"], event["step"]), []).append(event["loss"])
     return steps
 
 
@@ -108,17 +111,20 @@ def _check_against_one_process(two_dir: Path, one_process) -> dict:
     one = one_process["summary"]
     two = json.loads((two_dir / "summary.json").read_text())
     assert two["heads"]["removed_heads"] == one["heads"]["removed_heads"] != {}
+    assert two["heads"]["grown_heads"] == one["heads"]["grown_heads"] != {}
     # Evaluation is split over the processes and summed back: the same number up to summation order.
     assert two["perplexity"]["baseline"] == pytest.approx(one["perplexity"]["baseline"], rel=1e-9)
     assert two["perplexity"]["pruned"] == pytest.approx(one["perplexity"]["pruned"], rel=1e-9)
     assert two["perplexity"]["final"] == pytest.approx(one["perplexity"]["final"], rel=1e-3)
     assert two["samples"]["before"] == one["samples"]["before"]
     assert two["fine_tune"]["steps"] == one["fine_tune"]["steps"] == STEPS
+    assert two["fine_tune_growth"]["steps"] == one["fine_tune_growth"]["steps"] == STEPS
     losses_two, losses_one = _train_losses(two_dir), _train_losses(one_process["dir"])
-    assert sorted(losses_two) == sorted(losses_one) == list(range(1, STEPS + 1))
+    every_step = sorted((stage, step) for stage in TRAINING_STAGES for step in range(1, STEPS + 1))
+    assert sorted(losses_two) == sorted(losses_one) == every_step
     assert all(len(values) == 1 for values in losses_two.values()), losses_two  # each step logged once
-    for step, values in losses_one.items():
-        assert losses_two[step][0] == pytest.approx(values[0], rel=1e-5), step
+    for key, values in losses_one.items():
+        assert losses_two[key][0] == pytest.approx(values[0], rel=1e-5), key
     # Only the main process wrote: the same files as one process's run, and no lock left held.
     assert _files(two_dir) == _files(one_process["dir"])
     assert not (two_dir / ".sentinel.lock.json").exists()
