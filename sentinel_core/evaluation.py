@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sentinel_core import distributed
 from sentinel_core.data import IGNORE_INDEX
 from sentinel_core.errors import SentinelError
 
@@ -111,6 +112,7 @@ def evaluate(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     progress: bool = False,
+    split_over_processes: bool = False,
 ) -> EvalResult:
     """Perplexity of ``model`` on the token stream ``ids`` with a sliding window.
 
@@ -124,6 +126,10 @@ def evaluate(
             its padding is excluded from the loss.
         device: where to run; the model is moved there if needed (default: the model's).
         progress: show a tqdm bar (only when stderr is a terminal).
+        split_over_processes: under a multi-process launch, this process scores every
+            ``world``-th window from its rank on and the token-loss sums, token counts and
+            throughput are summed over the processes, so every process returns the result of
+            the whole stream (each must call it); one process scores every window.
 
     Returns:
         EvalResult with the token-weighted mean NLL (``loss``), ``exp(loss)``, the count of
@@ -153,6 +159,10 @@ def evaluate(
 
     extra = {"use_cache": False} if isinstance(model, PreTrainedModel) else {}
     windows = sliding_windows(n, block_size, stride)
+    split = split_over_processes and distributed.world_size() > 1
+    if split:
+        windows = windows[distributed.rank()::distributed.world_size()]
+        progress = progress and distributed.is_main()
 
     from tqdm.auto import tqdm
 
@@ -210,6 +220,11 @@ def evaluate(
     end = time.perf_counter()
     seconds = end - start
     timed_seconds, timed_tokens = (end - warm[0], fed - warm[1]) if warm is not None else (seconds, fed)
+    if split:
+        # Sums of what each process scored; the processes ran at once, so time is the slowest's.
+        nll_sum, scored, fed, timed_tokens = distributed.all_reduce_sum([nll_sum, scored, fed, timed_tokens])
+        scored, fed, timed_tokens = int(scored), int(fed), int(timed_tokens)
+        seconds, timed_seconds = distributed.all_reduce_max([seconds, timed_seconds])
     loss = nll_sum / scored
     perplexity = math.exp(loss) if loss < 700 else math.inf
     return EvalResult(loss=loss, perplexity=perplexity, tokens=scored, seconds=seconds,

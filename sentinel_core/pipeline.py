@@ -12,12 +12,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, plugins, run_measures
+from . import __version__, distributed, plugins, run_measures
 from .config import ExperimentConfig, resolve_device
 from .errors import SentinelError
 from .fileio import read_json, write_json_atomic
 from .folders import LOCK_FILES, check_no_overlap, check_run_folder
 from .kv_cache import kv_cache_bytes_per_token
+from .launch import start_processes
 from .plugins import emit, pm
 from .run_files import FINAL_MODEL_DIR, RUN_CONFIG_FILE, RUN_STATE_FILE, RUN_SUMMARY_FILE, STAGE_CHECKPOINTS_DIR
 from .run_lock import RunLock
@@ -39,19 +40,20 @@ def run_experiment(config: ExperimentConfig) -> tuple[Any, Any, dict[str, Any]]:
     plugins.check_run(config)  # strategy names and options: the cheapest mistakes, reported first
     run_measures.check_run_extras(config)  # trackers installed, lm-eval tasks and their data loadable
     output_dir = Path(config.output_dir)
-    if check_run_folder(output_dir):
-        _refuse_existing_run(output_dir)
-    check_no_overlap(output_dir, {"model": config.model_name, "data": config.data}, what="output_dir")
-    with RunLock(output_dir) as lock:
-        if check_run_folder(output_dir):  # another run started here while we looked
-            _refuse_existing_run(output_dir)
+    start_processes(config)
+    lock = RunLock(output_dir)
+    # Under a launch the main process claims the folder; the others go on once it has.
+    distributed.on_main(lambda: _claim_new_folder(config, output_dir, lock))
+    try:
         run = _Run(config, state={"completed": [], "results": {}, "finished": False})
         try:
             return run.execute()
         except BaseException:
-            if not run.started:
+            if not run.started and distributed.is_main():
                 _remove_empty_start(output_dir, created=lock.created_folder)
             raise
+    finally:
+        lock.release()
 
 
 def resume_experiment(output_dir: str | Path, **display: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -70,15 +72,45 @@ def resume_experiment(output_dir: str | Path, **display: Any) -> tuple[Any, Any,
     if not (output_dir / RUN_STATE_FILE).is_file() or not (output_dir / RUN_CONFIG_FILE).is_file():
         raise SentinelError(f"{str(output_dir)!r} holds no Sentinel run to resume (no {RUN_STATE_FILE}); "
                             "pass the --output-dir of an earlier `sentinel run`")
-    with RunLock(output_dir):
-        config = ExperimentConfig.from_dict(read_json(output_dir / RUN_CONFIG_FILE))
-        state = read_json(output_dir / RUN_STATE_FILE)
-        if state.get("finished"):
-            raise SentinelError(f"the run in {str(output_dir)!r} already finished; see {RUN_SUMMARY_FILE}")
+    if distributed.world_size() > 1:  # the processes join first: the main one reads the run for all
+        start_processes(ExperimentConfig.from_dict(read_json(output_dir / RUN_CONFIG_FILE)))
+    lock = RunLock(output_dir)
+    # The main process reads the run under the lock; every process continues from what it read.
+    saved = distributed.on_main(lambda: _open_unfinished_run(output_dir, lock))
+    try:
+        config = ExperimentConfig.from_dict(saved["config"])
+        state = saved["state"]
         plugins.check_run(config)
         config = config.replace(output_dir=str(output_dir), **display)
         run_measures.check_run_extras(config)
         return _Run(config, state=state).execute()
+    finally:
+        lock.release()
+
+
+def _claim_new_folder(config: ExperimentConfig, output_dir: Path, lock: RunLock) -> None:
+    """Refuse a folder that holds a run or anything else, then lock it."""
+    if check_run_folder(output_dir):
+        _refuse_existing_run(output_dir)
+    check_no_overlap(output_dir, {"model": config.model_name, "data": config.data}, what="output_dir")
+    lock.acquire()
+    if check_run_folder(output_dir):  # another run started here while we looked
+        lock.release()
+        _refuse_existing_run(output_dir)
+
+
+def _open_unfinished_run(output_dir: Path, lock: RunLock) -> dict[str, Any]:
+    """Lock the run folder and read the run's config and state; refuse a finished run."""
+    lock.acquire()
+    try:
+        config = read_json(output_dir / RUN_CONFIG_FILE)
+        state = read_json(output_dir / RUN_STATE_FILE)
+        if state.get("finished"):
+            raise SentinelError(f"the run in {str(output_dir)!r} already finished; see {RUN_SUMMARY_FILE}")
+    except BaseException:
+        lock.release()
+        raise
+    return {"config": config, "state": state}
 
 
 def _refuse_existing_run(output_dir: Path) -> None:
@@ -141,9 +173,11 @@ class _Run:
         if stage.startswith(_MODEL_STAGES):
             from .model_io import save_model
 
-            save_model(self.model, self.tokenizer, self.output_dir / STAGE_CHECKPOINTS_DIR / stage)
+            if distributed.is_main():
+                save_model(self.model, self.tokenizer, self.output_dir / STAGE_CHECKPOINTS_DIR / stage)
             self.state["last_model_checkpoint"] = stage
-        write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
+        if distributed.is_main():
+            write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
 
     # -- the pipeline ------------------------------------------------------------------------
 
@@ -153,22 +187,26 @@ class _Run:
         if self.config.quiet:
             quiet_libraries()
         transformers.set_seed(self.config.seed)
-        self.device = resolve_device(self.config.device)
+        self.device = distributed.process_device(resolve_device(self.config.device))
         # Model and data first: a bad path or an unreadable file is reported before the run
-        # writes anything, so it leaves no half-started run folder behind.
-        self._load()
-        write_json_atomic(self.output_dir / RUN_CONFIG_FILE, self.requested.to_dict())
-        write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
+        # writes anything, so it leaves no half-started run folder behind. Under a launch the
+        # main process loads first (filling the caches) and the others after it.
+        distributed.main_first(self._load)
+        if distributed.is_main():
+            write_json_atomic(self.output_dir / RUN_CONFIG_FILE, self.requested.to_dict())
+            write_json_atomic(self.output_dir / RUN_STATE_FILE, self.state)
         self.started = True
         plugins.start_run()
-        tracker = ProgressTracker(self.output_dir)
-        pm.register(tracker)
+        tracker = ProgressTracker(self.output_dir) if distributed.is_main() else None
+        if tracker is not None:
+            pm.register(tracker)
         try:
             plugins.notify("on_run_start", config=self.requested, run_dir=self.output_dir)
             return self._stages()
         finally:
-            pm.unregister(tracker)
-            tracker.close()
+            if tracker is not None:
+                pm.unregister(tracker)
+                tracker.close()
 
     def _stages(self) -> tuple[Any, Any, dict[str, Any]]:
         c = self.config  # _load may have filled in the demo model's settings
@@ -177,7 +215,8 @@ class _Run:
             start = time.perf_counter()
             baseline = self._evaluate("baseline")
             sample = self._sample("baseline")
-            tasks = run_measures.task_scores(self.model, self.tokenizer, c, self.device, "baseline")
+            tasks = distributed.on_main(
+                lambda: run_measures.task_scores(self.model, self.tokenizer, c, self.device, "baseline"))
             self._finish("baseline", time.perf_counter() - start, baseline=baseline, sample_before=sample,
                          parameters_before=self._parameters(), heads_original=self._head_counts(),
                          kv_cache_before=kv_cache_bytes_per_token(self.model), tasks_baseline=tasks)
@@ -190,6 +229,7 @@ class _Run:
                 start = time.perf_counter()
                 grown = plugins.grow_heads(c.growth_strategy, model=self.model, data=self.data, config=c)
                 self.model.to(self.device)
+                distributed.share_model(self.model, after="growth")
                 emit("grow", heads_grown=grown.count, heads_active=self._heads_active())
                 self._finish("grow", time.perf_counter() - start,
                              grown={str(k): v for k, v in grown.heads.items()})
@@ -204,19 +244,20 @@ class _Run:
             start = time.perf_counter()
             final = self._evaluate("final")
             sample = self._sample("final")
-            tasks = run_measures.task_scores(self.model, self.tokenizer, c, self.device, "final")
+            tasks = distributed.on_main(
+                lambda: run_measures.task_scores(self.model, self.tokenizer, c, self.device, "final"))
             self._finish("final", time.perf_counter() - start, final=final, sample_after=sample,
                          parameters_after=self._parameters(), heads_final=self._head_counts(),
                          kv_cache_after=kv_cache_bytes_per_token(self.model), tasks_final=tasks)
 
         if not self._done("speed"):
             start = time.perf_counter()
-            speed = run_measures.measure_speed(self.model, self.state["sources"]["model"],
-                                               self.data.validation.blocks, c, self.device)
+            speed = distributed.on_main(lambda: run_measures.measure_speed(
+                self.model, self.state["sources"]["model"], self.data.validation.blocks, c, self.device))
             self._finish("speed", time.perf_counter() - start, speed=speed)
 
         summary = self._summary()
-        self._save(summary)
+        distributed.on_main(lambda: self._save(summary))
         return self.model, self.tokenizer, summary
 
     # -- stages' parts -----------------------------------------------------------------------
@@ -252,10 +293,9 @@ class _Run:
         results = self.state["results"]
         if not self._done("score" + suffix):
             start = time.perf_counter()
-            scores = plugins.score_heads(c.scorer, model=self.model, batches=self._calibration_batches(), config=c)
-            emit("score", strategy=c.scorer, scores=scores.scores, tokens_seen=scores.tokens_seen,
-                 seconds=scores.seconds, round=round_)
-            self._finish("score" + suffix, time.perf_counter() - start, scores=scores.to_dict())
+            # Scored once, by the main process; every process prunes from the same scores.
+            record = distributed.on_main(lambda: self._score(round_).to_dict())
+            self._finish("score" + suffix, time.perf_counter() - start, scores=record)
 
         if not self._done("prune" + suffix):
             start = time.perf_counter()
@@ -263,6 +303,7 @@ class _Run:
             pruned = plugins.prune(c.prune_strategy, model=self.model, scores=scores,
                                    config=c.replace(pruning_percent=target))
             self.model.to(self.device)
+            distributed.share_model(self.model, after="pruning")
             emit("prune", heads_removed=pruned.count, mode=pruned.mode, heads_active=self._heads_active(),
                  round=round_, rounds=rounds, pruning_percent=target)
             after = self._evaluate("pruned" if round_ == rounds else f"pruned_round{round_}")
@@ -293,10 +334,8 @@ class _Run:
 
     def _round_steps(self, round_: int) -> int:
         """Round ``round_``'s share of the steps one-shot fine-tuning would take (the shares add up)."""
-        import os
-
         c = self.config
-        world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        world = distributed.world_size()
         per_epoch = int(self.data.train.blocks.shape[0]) // (c.batch_size * c.gradient_accumulation_steps * world)
         total = c.num_epochs * per_epoch
         total = min(total, c.max_steps) if c.max_steps else total
@@ -306,6 +345,13 @@ class _Run:
     def _fine_tune_context(self) -> dict[str, Any]:
         """What a fine-tuner may use besides the model: the model before pruning, the run folder."""
         return {"original_model": self.state["sources"]["model"], "run_dir": str(self.output_dir)}
+
+    def _score(self, round_: int):
+        c = self.config
+        scores = plugins.score_heads(c.scorer, model=self.model, batches=self._calibration_batches(), config=c)
+        emit("score", strategy=c.scorer, scores=scores.scores, tokens_seen=scores.tokens_seen,
+             seconds=scores.seconds, round=round_)
+        return scores
 
     def _calibration_batches(self) -> list[dict[str, Any]]:
         from .data import calibration_batches
@@ -324,7 +370,8 @@ class _Run:
 
         c = self.config
         result = evaluate(self.model, self._eval_ids(), block_size=c.block_size, stride=c.eval_stride,
-                          batch_size=c.batch_size, device=self.device, progress=not c.quiet)
+                          batch_size=c.batch_size, device=self.device, progress=not c.quiet,
+                          split_over_processes=True)
         values = {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
                   "tokens_per_second": result.tokens_per_second}
         emit("evaluate", label=stage, heads_active=self._heads_active(), **values)
@@ -334,8 +381,9 @@ class _Run:
         from .generation import generate_text
 
         prompt = self.config.sample_prompt
-        text = generate_text(self.model, self.tokenizer, prompt, max_new_tokens=20 if self.config.test_mode else 60,
-                             seed=self.config.seed)
+        text = distributed.on_main(lambda: generate_text(  # one sample per run, by the main process
+            self.model, self.tokenizer, prompt, max_new_tokens=20 if self.config.test_mode else 60,
+            seed=self.config.seed))
         emit("sample", label=stage, prompt=prompt, text=text)
         return text
 

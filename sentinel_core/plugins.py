@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import importlib_metadata
 import pluggy
 
-from . import __version__, hookspecs
+from . import __version__, distributed, hookspecs
 from .errors import SentinelError
 from .log import get_logger
 from .metrics import MetricEvent
@@ -100,6 +100,9 @@ failures: list[PluginFailure] = []
 _distributions: dict[str, tuple[str, str | None]] = {}
 # (plugin name, hook) of observers switched off after they raised, until the next run starts.
 _switched_off: set[tuple[str, str]] = set()
+# Observers of a run: under a multi-process launch only the main process tells them (one
+# metrics.jsonl, one tracker run, each event once).
+_REPORTING_HOOKS = ("on_metric", "on_run_start", "on_run_end")
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -470,8 +473,11 @@ def notify(hook: str, **kwargs: Any) -> None:
 
     One that raises is reported once, in one line naming the plugin and the hook, and is not
     called again for this hook until :func:`start_run`. Ctrl-C (``KeyboardInterrupt``) passes
-    through: a hook may ask the run to stop.
+    through: a hook may ask the run to stop. Under a multi-process launch, the run's
+    observers (``on_metric``, ``on_run_start``, ``on_run_end``) hear from the main process only.
     """
+    if hook in _REPORTING_HOOKS and not distributed.is_main():
+        return
     caller = getattr(pm.hook, hook)
     # pluggy calls the newest registration first; so do we.
     for impl in reversed(caller.get_hookimpls()):

@@ -75,7 +75,10 @@ def run_command(config_file: str | None, resume_dir: str | None, **flags: Any) -
         if pairs:  # typed by the options' declarations, which depend on the strategies chosen
             config = config.replace(options={**config.options, **parse_cli_options(config, pairs)})
         _, _, summary = run_experiment(config)
-    _print_summary(summary)
+    from ..distributed import is_main
+
+    if is_main():  # under torchrun / accelerate launch, one summary for the run
+        _print_summary(summary)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
