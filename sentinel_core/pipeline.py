@@ -374,8 +374,25 @@ class _Run:
                           split_over_processes=True)
         values = {"loss": result.loss, "perplexity": result.perplexity, "tokens": result.tokens,
                   "tokens_per_second": result.tokens_per_second}
+        # Keep-best and early stopping choose on the validation blocks, so the honest figure of
+        # quality is the test split's, which nothing selects on (when the data has one).
+        test_ids = self._test_ids()
+        if test_ids is not None:
+            test = evaluate(self.model, test_ids, block_size=c.block_size, stride=c.eval_stride,
+                            batch_size=c.batch_size, device=self.device, progress=not c.quiet,
+                            split_over_processes=True)
+            values.update(test_loss=test.loss, test_perplexity=test.perplexity, test_tokens=test.tokens)
         emit("evaluate", label=stage, heads_active=self._heads_active(), **values)
         return values
+
+    def _test_ids(self):
+        test = self.data.test
+        if test is None or test.ids.numel() < 2:
+            return None
+        ids = test.ids
+        if self.config.max_eval_blocks:
+            ids = ids[: self.config.max_eval_blocks * self.config.block_size]
+        return ids
 
     def _sample(self, stage: str) -> str:
         from .generation import generate_text
@@ -424,6 +441,10 @@ class _Run:
             "data": self.state["sources"]["data"],
             "perplexity": {"baseline": before["perplexity"], "pruned": r["pruned"]["perplexity"],
                            "final": after["perplexity"]},
+            # The test split's (None without one): nothing selected on it, unlike validation.
+            "test_perplexity": {"baseline": before.get("test_perplexity"),
+                                "pruned": r["pruned"].get("test_perplexity"),
+                                "final": after.get("test_perplexity")} if "test_perplexity" in after else None,
             "heads": {"original": original, "removed": removed, "grown": grown, "final": final,
                       "per_layer_final": r["heads_final"]["per_layer"], "removed_heads": r.get("removed", {}),
                       "grown_heads": r.get("grown", {}), "prune_mode": r.get("prune_mode")},

@@ -85,7 +85,11 @@ def _print_summary(summary: dict[str, Any]) -> None:
     ppl = summary.get("perplexity", {})
     parts = [f"{stage} {value:.2f}" for stage, value in ppl.items() if isinstance(value, (int, float))]
     heads = summary.get("heads", {})
-    click.echo(f"perplexity: {', '.join(parts)}")
+    click.echo(f"perplexity (validation): {', '.join(parts)}")
+    test = summary.get("test_perplexity") or {}
+    tested = [f"{stage} {value:.2f}" for stage, value in test.items() if isinstance(value, (int, float))]
+    if tested:
+        click.echo(f"perplexity (test, held out): {', '.join(tested)}")
     if heads:
         click.echo(f"heads: {heads.get('original')} -> {heads.get('final')} ({heads.get('removed', 0)} removed, "
                    f"{heads.get('grown', 0)} grown)")
