@@ -302,7 +302,8 @@ def run_child(args, what: str, **extra) -> dict:
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
     if done.returncode != 0:
         print(f"    FAILED (exit {done.returncode}):\n{done.stderr[-3000:]}", flush=True)
-        return {"failed": True, "what": what, **extra, "error": done.stderr.strip().splitlines()[-1][:300]}
+        lines = done.stderr.strip().splitlines() or [f"exit {done.returncode}, no message (killed?)"]
+        return {"failed": True, "what": what, **extra, "error": lines[-1][:300]}
     record = json.loads(done.stdout.strip().splitlines()[-1])
     record["process_seconds"] = time.perf_counter() - start
     print(f"    {time.perf_counter() - start:.0f} s, peak RSS {record['peak'] / 2**30:.2f} GiB", flush=True)
@@ -375,6 +376,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch threads in each child (0: torch's choice)")
     parser.add_argument("--child-timeout", type=int, default=900)
     parser.add_argument("--reuse", action="store_true", help="reuse the records a run left in --workdir")
+    parser.add_argument("--step-kinds", default="full,checkpointing,lora", help="which fine-tuning steps to measure")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=16, help=argparse.SUPPRESS)
@@ -407,9 +409,12 @@ def main() -> None:
     result["score"] = [run_child(args, "score", kind=kind) for kind in ("magnitude", "entropy")]
     depths = [16] if args.device == "cuda" else [int(x) for x in args.step_layers.split(",")]
     # Checkpointing at the deepest CPU depth only: each step child takes minutes on this CPU.
-    result["step"] = [run_child(args, "step", kind="full", layers=layers) for layers in depths]
-    result["step"].append(run_child(args, "step", kind="checkpointing", layers=max(depths)))
-    result["step"].append(run_child(args, "step", kind="lora", layers=16))
+    kinds = args.step_kinds.split(",")
+    result["step"] = [run_child(args, "step", kind="full", layers=layers) for layers in depths if "full" in kinds]
+    if "checkpointing" in kinds:
+        result["step"].append(run_child(args, "step", kind="checkpointing", layers=max(depths)))
+    if "lora" in kinds:
+        result["step"].append(run_child(args, "step", kind="lora", layers=16))
     result["extrapolated"] = extrapolate(result["step"])
     result["goals"] = []
     sentinel = next((r for r in result["load"] if r["kind"] == "sentinel" and not r.get("failed")), None)
