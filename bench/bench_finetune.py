@@ -13,7 +13,12 @@ the two loops (and which one goes first) and the median of ``--repeats`` runs is
 tokens per wall-clock second and per CPU second of the process (the steadier figure on a shared
 machine; use ``--threads 1`` there).
 
-Usage: python bench/bench_finetune.py [--steps 20] [--repeats 3] [--device cpu] [--out PATH]
+``--host-sync`` adds a third arm: ``train`` as it was before the deferred step
+(``sentinel_core.training.deferred_step``): the loss and gradient norm read back and the skip
+decided on the host every step, foreach AdamW on the CPU. Every arm also reports CPU
+milliseconds per step (process time).
+
+Usage: python bench/bench_finetune.py [--steps 20] [--repeats 3] [--device cpu] [--host-sync] [--out PATH]
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from sentinel_core.data import LMData, TokenSplit  # noqa: E402
 from sentinel_core.fileio import dumps_strict, write_text_atomic  # noqa: E402
 from sentinel_core.hookspecs import hookimpl  # noqa: E402
 from sentinel_core.plugins import pm  # noqa: E402
-from sentinel_core.training import resolve_mixed_precision, train  # noqa: E402
+from sentinel_core.training import deferred_step, resolve_mixed_precision, train  # noqa: E402
 
 
 def build_model(args) -> GPT2LMHeadModel:
@@ -110,9 +115,11 @@ class StepTimes:
             self.times[event.step] = (time.perf_counter(), time.process_time())
 
 
-def sentinel_loop(args, data: LMData, total: int, device: str) -> tuple[float, float, float]:
+def sentinel_loop(args, data: LMData, total: int, device: str, host_sync: bool = False) -> tuple[float, float, float]:
     """Tokens per wall second and per CPU second of ``train``'s timed steps, and the wall seconds of
-    the whole call (set-up, evaluations and checkpoints included)."""
+    the whole call (set-up, evaluations and checkpoints included). ``host_sync``: the loop as it
+    was, reading the step back every step."""
+    deferred_step.HOST_SYNC_EVERY_STEP = host_sync
     model = build_model(args)
     with tempfile.TemporaryDirectory() as out:
         config = ExperimentConfig(device=device, batch_size=args.batch, learning_rate=args.lr, num_epochs=1,
@@ -127,7 +134,10 @@ def sentinel_loop(args, data: LMData, total: int, device: str) -> tuple[float, f
             whole = time.perf_counter() - start
         finally:
             pm.unregister(times)
-    # Step event k is emitted right after optimizer step k (after the loss is read back).
+            deferred_step.HOST_SYNC_EVERY_STEP = False
+    # Step event k is emitted once step k's numbers are read: right after optimizer step k with
+    # host_sync; otherwise inside step k + 1, after its forward and backward, or at the end of
+    # the stage for the last step: the window then spans the same number of steps.
     (end, cpu_end), (begin, cpu_begin) = times.times[total], times.times[args.warmup_steps]
     tokens = (total - args.warmup_steps) * args.batch * args.block
     return tokens / (end - begin), tokens / (cpu_end - cpu_begin), whole
@@ -141,6 +151,10 @@ def _load() -> float | None:
 
 
 def main() -> None:
+    def cpu_ms(per_cpu_second: list[float]) -> float:
+        """Median CPU milliseconds per step, from tokens per CPU second."""
+        return 1000 * args.batch * args.block / statistics.median(per_cpu_second)
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed optimizer steps per run")
     parser.add_argument("--warmup-steps", type=int, default=3, help="untimed steps first")
@@ -154,6 +168,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"])
+    parser.add_argument("--host-sync", action="store_true",
+                        help="also time train() reading the step back every step (the loop before the deferred step)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice); 1 is steadier on a shared machine")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "bench_finetune.json"))
@@ -168,20 +184,27 @@ def main() -> None:
     data = build_data(args, total)
     load_before = _load()
     bare, ours, bare_cpu, ours_cpu, whole = [], [], [], [], []
+    synced, synced_cpu = [], []
+    arms = ["bare", "train", *(["host_sync"] if args.host_sync else [])]
     for repeat in range(args.repeats):
-        # Alternate which loop goes first, so a drift in machine load does not favour one of them.
-        for which in (("bare", "train") if repeat % 2 == 0 else ("train", "bare")):
+        # Rotate which loop goes first, so a drift in machine load does not favour one of them.
+        for which in arms[repeat % len(arms):] + arms[:repeat % len(arms)]:
             if which == "bare":
                 wall, cpu = bare_loop(args, data, total, device, precision)
                 bare.append(wall)
                 bare_cpu.append(cpu)
-            else:
+            elif which == "train":
                 wall, cpu, seconds = sentinel_loop(args, data, total, device_name)
                 ours.append(wall)
                 ours_cpu.append(cpu)
                 whole.append(seconds)
+            else:
+                wall, cpu, _ = sentinel_loop(args, data, total, device_name, host_sync=True)
+                synced.append(wall)
+                synced_cpu.append(cpu)
+        extra = f"   host-sync train() {synced[-1]:8.0f} tok/s ({synced_cpu[-1]:.0f} per CPU-s)" if synced else ""
         print(f"repeat {repeat + 1}: bare {bare[-1]:8.0f} tok/s ({bare_cpu[-1]:.0f} per CPU-s)   "
-              f"train() {ours[-1]:8.0f} tok/s ({ours_cpu[-1]:.0f} per CPU-s)   "
+              f"train() {ours[-1]:8.0f} tok/s ({ours_cpu[-1]:.0f} per CPU-s){extra}   "
               f"(whole train() call {whole[-1]:.2f} s)", flush=True)
     bare_median, ours_median = statistics.median(bare), statistics.median(ours)
     ratio = ours_median / bare_median
@@ -200,6 +223,8 @@ def main() -> None:
         "median_tokens_per_second": {"bare_loop": bare_median, "train": ours_median},
         "ratio_train_over_bare": ratio, "ratio_per_repeat": ratios, "cpu_ratio_train_over_bare": cpu_ratio,
         "train_call_seconds": whole,
+        "cpu_ms_per_step": {"bare_loop": cpu_ms(bare_cpu), "train": cpu_ms(ours_cpu),
+                            **({"train_host_sync": cpu_ms(synced_cpu)} if synced else {})},
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
     }
     print()
@@ -209,6 +234,15 @@ def main() -> None:
           f"{', '.join(f'{v:.0f}' for v in bare)} |")
     print(f"| sentinel train() | {ours_median:.0f} | {statistics.median(ours_cpu):.0f} | "
           f"{', '.join(f'{v:.0f}' for v in ours)} |")
+    if synced:
+        record["tokens_per_second"]["train_host_sync"] = synced
+        record["tokens_per_cpu_second"]["train_host_sync"] = synced_cpu
+        record["median_tokens_per_second"]["train_host_sync"] = statistics.median(synced)
+        record["ratio_host_sync_over_bare"] = statistics.median(synced) / bare_median
+        record["cpu_ratio_host_sync_over_bare"] = statistics.median(synced_cpu) / statistics.median(bare_cpu)
+        print(f"| train(), host sync every step | {statistics.median(synced):.0f} | "
+              f"{statistics.median(synced_cpu):.0f} | {', '.join(f'{v:.0f}' for v in synced)} |")
+    print("CPU ms per step (median): " + ", ".join(f"{k} {v:.1f}" for k, v in record["cpu_ms_per_step"].items()))
     print(f"train()/bare: {ratio:.3f} wall (per repeat {', '.join(f'{r:.2f}' for r in ratios)}), "
           f"{cpu_ratio:.3f} CPU; goal >= 0.95. {device_name}, mixed precision {precision}, "
           f"{torch.get_num_threads()} thread(s), load average {load_before} -> {_load()}")

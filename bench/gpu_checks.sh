@@ -50,10 +50,14 @@ cp /tmp/demo-run/summary.json "$OUT/demo-summary.json" 2>/dev/null
 step "surgery and scoring benchmark"
 [ -n "${SKIP_BENCH_GPU:-}" ] || timeout 120 python3 bench/bench_gpu.py --out "$OUT/gpu.json" 2>&1
 
-step "training loop against a bare loop (distilgpt2 shape, bf16, 8 x 512)"
-timeout 90 python3 bench/bench_finetune.py --device cuda --mixed-precision bf16 --layers 6 --heads 12 \
-    --embd 768 --vocab 50257 --batch 8 --block 512 --steps 30 --repeats 3 --out "$OUT/finetune-gpu.json" \
-    2>&1 | tail -12
+step "training loop against a bare loop, deferred step and host sync every step (distilgpt2 shape, bf16, 8 x 512)"
+timeout 150 python3 bench/bench_finetune.py --device cuda --mixed-precision bf16 --layers 6 --heads 12 \
+    --embd 768 --vocab 50257 --batch 8 --block 512 --steps 30 --repeats 3 --host-sync \
+    --out "$OUT/finetune-gpu.json" 2>&1 | tail -14
+
+step "scale: Llama-3.2-1B shape, bf16 (load and RSS on the CPU; scoring and train() steps on the GPU)"
+[ -n "${SKIP_BENCH_SCALE:-}" ] || timeout 420 python3 bench/bench_scale.py --device cuda --step-tokens 1024 \
+    --workdir "$(mktemp -d /tmp/scale.XXXX)" --out "$OUT/scale-gpu.json" 2>&1 | tail -30
 
 step "GQA strategies and stock export: speed and KV cache, Llama-3.2-1B shape, bf16"
 timeout 420 python3 bench/bench_gqa.py speed --shape llama-1b --device cuda --prefill-batch 8 --repeats 5 \

@@ -14,7 +14,8 @@ Seams (docs/fine-tuning.md): a loss of your own (:mod:`.losses`), callbacks that
 step and may wrap the model (:mod:`.callbacks`), and a state that is saved with every step
 checkpoint so they survive resume (:mod:`.state`).
 
-Reliability: a step whose loss (or gradient norm) is not finite is skipped; after
+Reliability: a step whose loss (or gradient norm) is not finite is skipped (decided on the
+device, the step's numbers read back one step late: :mod:`.deferred_step`); after
 ``max_bad_steps`` of them in a row the run rolls back to its last good checkpoint and halves the
 learning rate. Step checkpoints (:mod:`.checkpoints`) are written every ``checkpoint_every``
 steps and when the run is stopped by Ctrl-C or SIGTERM, so a later call with the same

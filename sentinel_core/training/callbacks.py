@@ -16,7 +16,9 @@ Events, in the order a stage sees them:
     once the stage starts or resumes (state, and each callback's own state, restored).
 ``on_step_begin`` / ``on_step_end``
     around each optimizer step; ``on_step_end`` gets the step's logs (``loss``, ``lr``, ...)
-    and fires after the update, or after the loop skipped a non-finite step.
+    and fires after the update, or after the loop skipped a non-finite step. The loss is read
+    from the device only if a callback reads it, and whether the step was skipped reaches
+    ``state.bad_in_row`` / ``state.skipped_steps`` one step later (docs/fine-tuning.md).
 ``on_evaluate``
     after each validation pass, with its metrics (``eval_loss``, ``eval_objective``).
 ``on_load``

@@ -22,6 +22,7 @@ from ..results import FineTuneResult
 from ..run_files import RUN_CONFIG_FILE
 from . import checkpoints as ckpt
 from .callbacks import CallbackList, TrainerCallback, TrainingContext
+from .deferred_step import PendingStep, StepLogs, fused_adamw_on, non_finite, skips_on_device, step_unless
 from .lora import lora_callback
 from .losses import LossFn, causal_lm_loss, counted_tokens, lm_loss
 from .progress import ProgressReporter
@@ -144,6 +145,8 @@ class _Trainer:
         self._session_start = time.perf_counter()
         self._saved_step: int | None = None
         self._rng_at_step_start: dict[str, torch.Tensor] | None = None
+        self._pending: PendingStep | None = None  # the last step, until its numbers are read
+        self._skip_on_device = False
 
     # -- public entry ------------------------------------------------------------------------
 
@@ -187,10 +190,12 @@ class _Trainer:
         self.model = self.callbacks.wrap(self.model, self.state, self.context)
         # The parameters that train now (a wrapper may have frozen some and added others).
         groups = self.train_groups = build_groups(self.model, self.param_groups)
-        use_fused = self.accelerator.device.type == "cuda"
+        # Fused AdamW can skip a non-finite step on a device flag (deferred_step).
+        use_fused = fused_adamw_on(self.accelerator.device)
         optimizer = torch.optim.AdamW(optimizer_groups(groups, self.opts["weight_decay"]),
                                       lr=self.config.learning_rate, fused=use_fused or None)
         self.wrapped, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self._skip_on_device = skips_on_device(self.optimizer, self.accelerator.scaler)
         self.context.model, self.context.optimizer = self.model, self.optimizer
 
     # -- main flow ---------------------------------------------------------------------------
@@ -320,47 +325,89 @@ class _Trainer:
         totals = torch.stack(sums)
         if self.world > 1:
             totals = self._all_reduce(totals)
-        # One read-back per step: the loss, the loop's logs and the gradient norm together.
-        values_read = torch.cat([totals / max(n_tokens, 1.0),
-                                 torch.as_tensor(grad_norm, device=totals.device).float().reshape(1)]).tolist()
-        loss_value, *log_values, norm_value = values_read
-        # fp16's loss scaler skips overflowing steps and lowers the scale itself: that is not divergence.
-        good = math.isfinite(loss_value) and (math.isfinite(norm_value) or acc.scaler is not None)
-        self.phase = "update"
-        if good:
-            self.optimizer.step()
+        # The loss, the loop's logs and the gradient norm in one tensor, read back as one.
+        record = torch.cat([totals / max(n_tokens, 1.0),
+                            torch.as_tensor(grad_norm, device=totals.device).float().reshape(1)])
+        if self._skip_on_device:
+            found_inf = non_finite(record[0], record[-1])
+            pending = PendingStep(torch.cat([record, found_inf.to(record.dtype).reshape(1)]), log_names)
+            # The previous step's numbers are on the host by now: count and report it while this
+            # step's work runs. If that rolled back, or a hook asked to stop at the end of that
+            # step (one process only: processes agree on stops in _after_step), this step never
+            # happened: its gradients go, and its random draws are undone for the resumed run.
+            rolled_back = self._settle_pending()
+            if rolled_back or (self.signals.requested and self.world == 1):
+                self.optimizer.zero_grad(set_to_none=True)
+                if not rolled_back:
+                    ckpt.set_rng_state(*ckpt.rng_state(self._rng_at_step_start))
+                self.phase = "idle"
+                return
+            self.phase = "update"
+            step_unless(self.optimizer, found_inf)
+        else:
+            values_read = record.tolist()
+            # fp16's loss scaler skips overflowing steps and lowers the scale itself: that is not divergence.
+            good = math.isfinite(values_read[0]) and (math.isfinite(values_read[-1]) or acc.scaler is not None)
+            pending = PendingStep([*values_read, 0.0 if good else 1.0], log_names)
+            self.phase = "update"
+            if good:
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         state.step = step + 1
         state.tokens += self.global_batch * int(self.train_blocks.shape[1])
-        if good:
-            state.bad_in_row = 0
-            state.last_loss = loss_value
+        pending.step = step + 1
+        pending.known = {"epoch": state.step / self.steps_per_epoch, "tokens": state.tokens}
+        if len(rates) == 1:
+            pending.known["lr"] = next(iter(rates.values()))
         else:
+            pending.known.update({f"lr/{name}": rate for name, rate in rates.items()})
+        self._pending = pending
+        if not self._skip_on_device:
+            self._count(pending)
+        self.phase = "idle"
+        perplexity = _ppl if self.loss_fn is lm_loss else None  # ppl of another objective would mislead
+        self.callbacks.fire("on_step_end", state, self.context,
+                            StepLogs(pending.known, lambda: pending.values(perplexity)))
+        if not self._skip_on_device:
+            self._settle_pending()
+
+    def _count(self, pending: PendingStep) -> None:
+        """Count a step as good or skipped (the state max_bad_steps and rollbacks read)."""
+        state, previous_phase = self.state, self.phase
+        self.phase = "update"
+        if pending.skipped:
             state.bad_in_row += 1
             state.skipped_steps += 1
-        self.phase = "idle"
-
-        values: dict[str, Any] = {"loss": loss_value, "perplexity": _ppl(loss_value), "grad_norm": norm_value,
-                                  "epoch": state.step / self.steps_per_epoch, "tokens": state.tokens,
-                                  **dict(zip(log_names, log_values, strict=True))}
-        if self.loss_fn is not lm_loss:
-            values["perplexity"] = None  # the objective is not a cross-entropy; ppl would mislead
-        if len(rates) == 1:
-            values["lr"] = next(iter(rates.values()))
         else:
-            values.update({f"lr/{name}": rate for name, rate in rates.items()})
-        if not good:
-            values["skipped"] = True
-        self.callbacks.fire("on_step_end", state, self.context, values)
-        self._emit(state.step, **values)
-        if not good:
-            self._say(f"{self.stage}: step {state.step} has a non-finite loss or gradient; skipped it "
+            state.bad_in_row = 0
+            state.last_loss = pending.loss
+        pending.counted = True
+        self.phase = previous_phase
+
+    def _settle_pending(self) -> bool:
+        """Count (if not yet) and report the step whose numbers were still pending: its metric
+        event, and the rollback when it completes ``max_bad_steps`` skipped steps in a row.
+        Returns whether it rolled back. With the deferred step this runs one step late (inside
+        the next step, before its update), or when the host needs the state: see _after_step."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return False
+        if not pending.counted:
+            self._count(pending)
+        state = self.state
+        self._emit(pending.step, **pending.values(_ppl if self.loss_fn is lm_loss else None))
+        if pending.skipped:
+            self._say(f"{self.stage}: step {pending.step} has a non-finite loss or gradient; skipped it "
                       f"({state.bad_in_row} in a row)")
             if state.bad_in_row >= self.opts["max_bad_steps"]:
                 self._rollback(f"{state.bad_in_row} non-finite steps in a row")
+                return True
+        return False
 
     def _after_step(self) -> None:
         """Work that belongs to the step just committed: evaluation, checkpoint, stop requests."""
+        if self._pending is not None and self._host_needs_the_step():
+            self._settle_pending()  # may roll back, which replaces self.state
         state = self.state
         self._maybe_evaluate()
         due = state.step % self.config.checkpoint_every == 0 and 0 < state.step < self.total
@@ -370,10 +417,18 @@ class _Trainer:
             else:
                 self._save_checkpoint()
         if self._stop_requested():
+            self._settle_pending()
+            state = self.state
             if self._saved_step != state.step:
                 if self._weights_finite():
                     self._save_checkpoint()
             raise GracefulStop(self.signals.reason or "Ctrl-C")
+
+    def _host_needs_the_step(self) -> bool:
+        """Whether what follows the step just queued reads the loop's state (an evaluation, a
+        checkpoint, the end), so the step must be counted first (a stop settles it itself)."""
+        step = self.state.step
+        return self._evaluation_due(step) or step % self.config.checkpoint_every == 0 or step >= self.total
 
     def _barrier(self) -> None:
         """Wait for every process. On CPU this is torch's plain barrier: Accelerate's
@@ -412,7 +467,7 @@ class _Trainer:
     def _maybe_evaluate(self) -> None:
         state = self.state
         step = state.step
-        if state.last_eval_step == step or not (step % self.config.eval_every == 0 or step == self.total):
+        if not self._evaluation_due(step):
             return
         self.phase = "eval"
         metrics = self._evaluate()
@@ -441,6 +496,9 @@ class _Trainer:
         if state.stopped_early:
             self._say(f"{self.stage}: stopping early at step {step}: no better {self.select_on} in "
                       f"{patience} evaluations (best {state.best_metric:.4f} at step {state.best_step})")
+
+    def _evaluation_due(self, step: int) -> bool:
+        return self.state.last_eval_step != step and (step % self.config.eval_every == 0 or step == self.total)
 
     @torch.no_grad()
     def _evaluate(self) -> dict[str, float]:
@@ -670,6 +728,7 @@ class _Trainer:
         """After Ctrl-C or SIGTERM: make sure a checkpoint exists and say how to resume."""
         if not saved and self.phase in ("idle", "step", "eval") and self.world == 1:
             try:
+                self._settle_pending()  # the step before the interrupt counts, and its event is sent
                 if self._weights_finite() and self._saved_step != self.state.step:
                     self._save_checkpoint()
             except Exception as exc:  # the interrupt matters more than a failed save

@@ -64,6 +64,7 @@ class LoraCallback(TrainerCallback):
     def __init__(self, rank: int, alpha: float, targets: str, dropout: float = 0.0) -> None:
         self.rank, self.alpha, self.targets, self.dropout = rank, alpha, targets, dropout
         self._requires_grad: list[tuple[nn.Parameter, bool]] = []
+        self._adapter: Any = None
 
     def settings(self) -> Any:
         return {"rank": self.rank, "alpha": self.alpha, "targets": self.targets, "dropout": self.dropout}
@@ -76,7 +77,9 @@ class LoraCallback(TrainerCallback):
 
         names = target_module_names(model, self.targets)
         self._requires_grad = [(p, p.requires_grad) for p in model.parameters()]
-        adapter = get_adapter(model)
+        # Kept for unwrap: with peft's layers in place of nn.Linear, a LLaMA no longer matches
+        # its surgery adapter (the GPT-2 one does not look at the projections' types).
+        adapter = self._adapter = get_adapter(model)
         projections = [adapter.output_projection(attn) for attn in adapter.attention_modules()]
         gates = [detach_gate(proj) for proj in projections]
         config = LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=names,
@@ -94,7 +97,7 @@ class LoraCallback(TrainerCallback):
     def unwrap_model(self, model: nn.Module, state, context) -> nn.Module:
         from peft.tuners.lora import LoraLayer
 
-        adapter = get_adapter(model)
+        adapter = self._adapter if self._adapter is not None else get_adapter(model)
         gates = [detach_gate(adapter.output_projection(attn)) for attn in adapter.attention_modules()]
         for name, module in list(model.named_modules()):
             if isinstance(module, LoraLayer):

@@ -64,14 +64,18 @@ class ProgressReporter(TrainerCallback):
     def on_step_end(self, state, context, logs) -> None:
         if not self._on(context):
             return
-        loss = float(logs["loss"])
+        # The loss is read only when it is shown: reading it makes the host wait for the step
+        # (see deferred_step), so the bar shows it every log_every steps too.
+        every = context.config.log_every
+        shown = state.step % every == 0 or state.step == state.total_steps
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            if shown:
+                self.bar.set_postfix(loss=f"{float(logs['loss']):.3f}", refresh=False)
             return
-        every = context.config.log_every
-        if state.step % every and state.step != state.total_steps:
+        if not shown:
             return
+        loss = float(logs["loss"])
         lr = logs.get("lr")
         if lr is None:
             rates = [float(v) for k, v in logs.items() if k.startswith("lr/")]
