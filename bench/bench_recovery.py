@@ -63,24 +63,23 @@ def _peak_rss_reset() -> None:
         pass
 
 
-def _peak_rss_bytes() -> int | None:
+def _status_bytes(field: str) -> int | None:
+    """A memory figure of this process from /proc/self/status (``VmHWM``: peak, ``VmRSS``: now)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         return None
     return None
+
+
+def _peak_rss_bytes() -> int | None:
+    return _status_bytes("VmHWM")
 
 
 def _rss_bytes() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _status_bytes("VmRSS")
 
 
 class StageMeter:
@@ -313,7 +312,8 @@ def summarize(arms: list[dict]) -> dict:
             shares = [(lo["pruned_test_perplexity"] - lo["test_perplexity"])
                       / (full[s]["pruned_test_perplexity"] - full[s]["test_perplexity"])
                       for s, lo in lora.items() if s in full and lo.get("pruned_test_perplexity")
-                      and full[s].get("pruned_test_perplexity")]
+                      and full[s].get("pruned_test_perplexity")
+                      and full[s]["pruned_test_perplexity"] != full[s]["test_perplexity"]]
             if shares:
                 recovered.append({"fraction": f, "lora_share_of_full_recovery": statistics.mean(shares),
                                   "per_seed": shares, "met": statistics.mean(shares) >= 0.9})

@@ -33,3 +33,22 @@ def registered_plugin(plugin: ModuleType | object, name: str) -> Iterator[object
     finally:
         if registered_here:
             pm.unregister(plugin)
+
+
+def tiny_tokenizer(lines: list[str], vocab_size: int = 300):
+    """A byte-level BPE tokenizer trained on ``lines``, with ``<|endoftext|>`` (EOS) and
+    ``<|pad|>`` (padding): enough for a plugin's tests to save a tiny model folder with one.
+
+    :param lines: the text to learn the merges from.
+    :param vocab_size: the vocabulary's size, special tokens included.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(lines, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")

@@ -114,19 +114,14 @@ def tiny_run_assets(tmp_path, monkeypatch):
     """A tiny GPT-2 (dropout on) with a byte-level BPE tokenizer saved as an HF directory, and a text file."""
     import random
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sentinel_core.testing import tiny_tokenizer
 
     monkeypatch.setenv("SENTINEL_CACHE_DIR", str(tmp_path / "cache"))
     rng = random.Random(7)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(500)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(lines, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    tokenizer = tiny_tokenizer(lines)
     torch.manual_seed(0)
     # GPT-2's default dropout (0.1) stays on: resume must then restore the random generators exactly.
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=len(tokenizer), n_positions=64,

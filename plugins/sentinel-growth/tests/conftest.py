@@ -75,18 +75,11 @@ def tiny_run_assets(tmp_path):
     """A tiny GPT-2 with a byte-level BPE tokenizer saved as an HF directory, and a text file."""
     import random
 
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from sentinel_core.testing import tiny_tokenizer
 
     rng = random.Random(7)
     lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(500)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(lines, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    tokenizer = tiny_tokenizer(lines)
     model = tiny_gpt2(vocab_size=len(tokenizer))
     model_dir = tmp_path / "tiny-model"
     model.save_pretrained(model_dir)
