@@ -391,18 +391,18 @@ def plot(path: str, png: str) -> None:
     summary = json.loads(Path(path).read_text())["summary"]
     rows = summary["rows"]
     fractions = sorted({r["fraction"] for r in rows})
-    fig, axes = plt.subplots(1, len(fractions), figsize=(5.5 * len(fractions), 4), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(fractions), figsize=(5.5 * len(fractions), 4), squeeze=False)
     for ax, fraction in zip(axes[0], fractions, strict=True):
-        these = [r for r in rows if r["fraction"] == fraction]
+        these = sorted((r for r in rows if r["fraction"] == fraction), key=lambda r: r["gap"])
         names = [r["arm"] for r in these]
         gaps = [100 * r["gap"] for r in these]
         low = [100 * (r["gap"] - r["gap_min"]) for r in these]
         high = [100 * (r["gap_max"] - r["gap"]) for r in these]
         ax.barh(names, gaps, xerr=[low, high], color="tab:blue", alpha=0.8)
         ax.set_title(f"{fraction:.0%} of heads removed")
-        ax.set_xlabel("test perplexity above the unpruned model fine-tuned the same way (%)")
+        ax.set_xlabel("test ppl above the reference (%)")
         ax.invert_yaxis()
-    fig.suptitle("Recovery after pruning (mean over seeds; bars span the seeds)")
+    fig.suptitle("Recovery after pruning: test perplexity above the unpruned model fine-tuned the same way\n(mean over seeds; whiskers span the seeds)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)

@@ -152,7 +152,9 @@ def test_two_processes_resume_an_interrupted_run(assets, one_process):
     assert "resume with" not in errors[1]
     code, errors = launch_two(assets, "resumed", ["run", "--resume", str(out)])
     assert code == 0, errors[0][-3000:] + errors[1][-3000:]
-    assert re.search(r"Resuming fine_tune from step 3 of 4", errors[0]), errors[0][-3000:]
+    # Under several processes the deferred step agrees on a stop one step later (docs/fine-tuning.md,
+    # "Non-finite losses"): a stop asked at step 3 is saved at step 3 or 4.
+    assert re.search(r"Resuming fine_tune from step [34] of 4", errors[0]), errors[0][-3000:]
     _check_against_one_process(out, one_process)
     # Bad input: the main process's one line, on every process, and no traceback.
     code, errors = launch_two(assets, "again", ["run", "--resume", str(out)])
