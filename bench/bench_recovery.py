@@ -3,7 +3,7 @@
     python bench/bench_recovery.py arms [--model demo] [--fractions 0.3,0.5] [--seeds 0,1,2]
         [--arms plain,adaptive,distill,plain+lora,distill+lora] [--rounds 3] [--steps 60]
         [--out bench/results/recovery-demo.json]
-    python bench/bench_recovery.py memory [--out bench/results/recovery-memory.json]
+    python bench/bench_recovery.py memory [--keep-best] [--out bench/results/recovery-memory.json]
     python bench/bench_recovery.py plot bench/results/recovery-demo.json [--png docs/img/recovery.png]
 
 **arms.** Every arm is a whole ``run_experiment`` (the product's own path: score with
@@ -343,11 +343,14 @@ def memory_arm(spec: dict) -> dict:
     meter = StageMeter()
     loaded = _rss_bytes()
     with tempfile.TemporaryDirectory() as tmp:
+        # With keep-best, an evaluation after every step, so that the kept copy is in the peak.
         config = ExperimentConfig(device="cpu", batch_size=spec["batch_size"], block_size=block,
-                                  max_steps=spec["steps"], eval_every=10**6, checkpoint_every=10**6, patience=0,
+                                  max_steps=spec["steps"], eval_every=1 if spec["keep_best"] else 10**6,
+                                  checkpoint_every=10**6, patience=0,
                                   learning_rate=1e-4, lora_rank=spec["lora"], quiet=True, max_eval_blocks=2,
                                   output_dir=str(Path(tmp) / "run"))
-        train(model, data, config, stage="fine_tune", callbacks=[meter.callback("fine_tune")], select_on=None)
+        train(model, data, config, stage="fine_tune", callbacks=[meter.callback("fine_tune")],
+              select_on="eval_loss" if spec["keep_best"] else None)
     record = meter.stages["fine_tune"]
     return {**spec, "parameters": sum(p.numel() for p in model.parameters()), "rss_after_load": loaded,
             "rss_at_stage_begin": record["rss_at_begin"], "peak_rss": record["peak_rss"],
@@ -359,10 +362,12 @@ def run_memory(args) -> dict:
     from sentinel_core.fileio import write_json_atomic
 
     arms = [_in_subprocess("one-memory", {"arm": name, "lora": lora, "batch_size": args.batch_size,
-                                          "block_size": args.block_size, "steps": args.steps})
+                                          "block_size": args.block_size, "steps": args.steps,
+                                          "keep_best": args.keep_best})
             for name, lora in (("full", 0), (f"lora r={args.lora_rank}", args.lora_rank))]
     full, lora = arms
     result = {"name": "recovery-memory", "shape": "distilgpt2 (6 x 768, 12 heads, vocab 50257), random weights",
+              "keep_best": args.keep_best,
               "machine": _machine(), "arms": arms,
               "lora_over_full_peak": lora["peak_rss"] / full["peak_rss"],
               "lora_over_full_training_added": lora["training_added"] / full["training_added"]}
@@ -437,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--block-size", type=int, default=256)
     memory.add_argument("--steps", type=int, default=3)
     memory.add_argument("--lora-rank", type=int, default=16)
+    memory.add_argument("--keep-best", action="store_true",
+                        help="evaluate after every step with keep-best on (the product's default selection)")
     memory.add_argument("--out", default=str(ROOT / "bench" / "results" / "recovery-memory.json"))
     figure = sub.add_parser("plot")
     figure.add_argument("result")

@@ -308,6 +308,32 @@ def test_lora_resumes_to_the_same_weights(tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
+def test_keep_best_under_lora_keeps_only_what_trains_and_restores_it(tmp_path):
+    """Gradient ascent makes step 0 the best on validation: the adapters come back to their
+    zero start, so the merged model equals the one trained from, bit for bit; and the kept
+    copy (written as best.safetensors in each step checkpoint) holds no frozen base weight."""
+    pytest.importorskip("peft")
+    from safetensors import safe_open
+
+    model = _pruned_model()
+    start = copy.deepcopy(model.state_dict())
+    kept = []
+
+    class Keys(TrainerCallback):
+        def on_save(self, state, context, path):
+            best = path / "best.safetensors"
+            if best.is_file():
+                with safe_open(str(best), framework="pt") as handle:
+                    kept.append((set(handle.keys()), {n for n, _ in context.model.named_buffers()}))
+
+    result = train(model, make_data(32), config(tmp_path, lora_rank=2, learning_rate=1e-2),
+                   stage="fine_tune", loss_fn=_ascent, select_on="eval_loss", callbacks=[Keys()])
+    assert result.extra["best_step"] == 0 and result.extra["restored_best"]
+    assert kept and all(keys and all("lora_" in k or k in buffers for k in keys) for keys, buffers in kept)
+    for (name, a), b in zip(start.items(), model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
 def test_lora_errors_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(SentinelError, match="lora_target_modules 'nothing_here' matches no module of this gpt2 model"):
         train(make_model(), make_data(32), config(tmp_path, lora_rank=2, lora_target_modules="nothing_here"),

@@ -459,6 +459,28 @@ class _Trainer:
                 self.signals.request("another process")
         return flag
 
+    def _frozen_keys(self) -> set[str]:
+        """State-dict keys of the parameters that do not train (under LoRA: the whole base)."""
+        frozen = {id(p) for p in self.model.parameters() if not p.requires_grad}
+        return {k for k, v in self.model.state_dict(keep_vars=True).items() if id(v) in frozen}
+
+    def _copy_what_trains(self) -> dict[str, torch.Tensor]:
+        """A CPU copy of what training can change: trained parameters and every buffer.
+
+        Keep-best holds one such copy. Frozen parameters never change within a stage, so
+        under LoRA the copy is the adapters' size rather than the model's.
+        """
+        frozen = self._frozen_keys()
+        return ckpt.cpu_state_copy({k: v for k, v in self.model.state_dict().items() if k not in frozen})
+
+    def _restore(self, best: Mapping[str, torch.Tensor]) -> None:
+        """Load a keep-best copy; whatever it leaves out must be frozen (unchanged since)."""
+        result = self.model.load_state_dict(best, strict=False)
+        left_out = set(result.missing_keys) - self._frozen_keys()
+        if result.unexpected_keys or left_out:
+            raise RuntimeError(f"the kept best weights do not fit the model: unexpected {result.unexpected_keys}, "
+                               f"missing trained tensors {sorted(left_out)}")
+
     def _weights_finite(self) -> bool:
         return ckpt.all_finite(self.model.parameters())
 
@@ -478,7 +500,7 @@ class _Trainer:
         else:
             value = metrics[self.select_on]
             if math.isfinite(value) and value < state.best_metric:
-                self.best_state = ckpt.cpu_state_copy(self.model.state_dict())
+                self.best_state = self._copy_what_trains()
                 state.best_metric, state.best_eval_loss, state.best_step, state.evals_since_best = value, loss, step, 0
             else:
                 state.evals_since_best += 1
@@ -630,7 +652,7 @@ class _Trainer:
         if record.get("best") == "file":
             self.best_state = ckpt.load_tensors(path / ckpt.BEST_FILE)
         elif record.get("best") == "current":
-            self.best_state = ckpt.cpu_state_copy(self.model.state_dict())
+            self.best_state = self._copy_what_trains()
         else:
             self.best_state = None
         if self.accelerator.scaler is not None and record.get("scaler"):
@@ -686,7 +708,7 @@ class _Trainer:
         state = self.state
         restored = False
         if self.best_state is not None and state.best_step is not None and state.best_step != state.step:
-            self.model.load_state_dict(self.best_state, strict=True)
+            self._restore(self.best_state)
             restored = True
         self.accelerator.unwrap_model(self.wrapped, keep_fp32_wrapper=False)
         self.wrapped = None
