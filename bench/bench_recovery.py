@@ -4,6 +4,7 @@
         [--arms plain,adaptive,distill,plain+lora,distill+lora] [--rounds 3] [--steps 60]
         [--out bench/results/recovery-demo.json]
     python bench/bench_recovery.py memory [--keep-best] [--out bench/results/recovery-memory.json]
+    python bench/bench_recovery.py table bench/results/recovery-demo.json     # the docs table
     python bench/bench_recovery.py plot bench/results/recovery-demo.json [--png docs/img/recovery.png]
 
 **arms.** Every arm is a whole ``run_experiment`` (the product's own path: score with
@@ -382,6 +383,55 @@ def run_memory(args) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- the tables in docs/benchmarks.md
+
+
+def table(path: str) -> str:
+    """The markdown table and goal lines of an ``arms`` result, as docs/benchmarks.md shows them."""
+    result = json.loads(Path(path).read_text())
+    arms, summary = result["arms"], result["summary"]
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.mean(values) if values else None
+
+    def fmt(value, spec=".2f"):
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| removed | arm | seeds | trainable params | test ppl pruned | test ppl recovered | gap to reference "
+             "(min..max over seeds) | validation ppl (keep-best's set) | tokens/s in steps | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    refs = [a for a in arms if a["arm"] == "reference"]
+    rows = [{"arm": "reference", "fraction": 0.0, "seeds": [a["seed"] for a in refs], "gap": 0.0, "gap_min": 0.0,
+             "gap_max": 0.0}] + summary["rows"]
+    for row in rows:
+        items = [a for a in arms if a["arm"] == row["arm"] and a["fraction"] == row["fraction"]]
+        last = [list(a["stages"].values())[-1] for a in items if a["stages"]]
+        trainable = mean(s.get("trainable") for s in last)
+        lines.append("| " + " | ".join([
+            f"{row['fraction']:.0%}", row["arm"], str(len(items)), fmt(trainable and trainable / 1e6, ".2f") + "M",
+            fmt(mean(a["pruned_test_perplexity"] for a in items)), fmt(mean(a["test_perplexity"] for a in items)),
+            f"{row['gap']:+.2%} ({row['gap_min']:+.2%}..{row['gap_max']:+.2%})",
+            fmt(mean(a["validation_perplexity"]["final"] for a in items)),
+            fmt(statistics.median(a["train_tokens_per_second"] or 0 for a in items), ",.0f"),
+            fmt(max(a["peak_training_memory"] or 0 for a in items) / 2**20, ",.0f")]) + " |")
+    goals = summary["goals"]
+    closes = goals.get("distill_closes_half_of_plain_gap_at_top")
+    if closes:
+        lines.append(f"\n- distill closes {fmt(closes['closed'] and 100 * closes['closed'], '.0f')}% of plain's gap at "
+                     f"{closes['fraction']:.0%} (plain {closes['plain_gap']:+.2%}, distill {closes['distill_gap']:+.2%}): "
+                     f"{'met' if closes['met'] else 'not met'}")
+    worse = goals.get("distill_no_worse_than_plain_anywhere")
+    if worse:
+        where = ", ".join(f"{w['arm']} at {w['fraction']:.0%}" for w in worse["worse"]) or "nowhere"
+        lines.append(f"- distill worse than plain (mean over seeds): {where}: {'met' if worse['met'] else 'not met'}")
+    for item in goals.get("lora_recovers_90_percent_of_full", []):
+        per_seed = ", ".join(f"{100 * v:.0f}%" for v in item["per_seed"])
+        lines.append(f"- LoRA recovers {100 * item['lora_share_of_full_recovery']:.0f}% of full's recovery at "
+                     f"{item['fraction']:.0%} (per seed: {per_seed}): {'met' if item['met'] else 'not met'}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- the figure
 
 
@@ -445,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--keep-best", action="store_true",
                         help="evaluate after every step with keep-best on (the product's default selection)")
     memory.add_argument("--out", default=str(ROOT / "bench" / "results" / "recovery-memory.json"))
+    sub.add_parser("table", help="print the docs table of an arms result").add_argument("result")
     figure = sub.add_parser("plot")
     figure.add_argument("result")
     figure.add_argument("--png", default=str(ROOT / "docs" / "img" / "recovery.png"))
@@ -459,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
         run_arms(args)
     elif args.part == "memory":
         run_memory(args)
+    elif args.part == "table":
+        print(table(args.result))
     else:
         plot(args.result, args.png)
     return 0
