@@ -111,10 +111,16 @@ class _Trainer:
         self.eval_blocks = eval_blocks
 
         # A bf16/fp16 model trains as a float32 master copy (config.master_weights) and goes back
-        # to its own dtype at the end, so the saved model keeps the dtype the user loaded.
+        # to its own dtype at the end, so the saved model keeps the dtype the user loaded. Under
+        # LoRA with autocast only the adapters train, so only they get the master copy (in
+        # _prepare): autocast would cast a float32 copy of the frozen base back to the very same
+        # half-precision values at every forward, so that copy would double the base's memory
+        # and buy nothing. (mixed_precision "no" computes in float32 and keeps the whole copy.)
         self.loaded_dtype = model_dtype(model)
         master, precision = training_precision(config, self.loaded_dtype)
-        if master is not None:
+        self.master_for_trained_only = master if master is not None and config.lora_rank and precision != "no" \
+            else None
+        if master is not None and self.master_for_trained_only is None:
             model.to(master)
         self.accelerator = make_accelerator(config, precision)
         acc = self.accelerator
@@ -188,6 +194,10 @@ class _Trainer:
                 self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             self._checkpointing_enabled = True
         self.model = self.callbacks.wrap(self.model, self.state, self.context)
+        if self.master_for_trained_only is not None:
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.to(self.master_for_trained_only)
         # The parameters that train now (a wrapper may have frozen some and added others).
         groups = self.train_groups = build_groups(self.model, self.param_groups)
         # Fused AdamW can skip a non-finite step on a device flag (deferred_step).
