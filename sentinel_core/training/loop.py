@@ -113,9 +113,10 @@ class _Trainer:
         # A bf16/fp16 model trains as a float32 master copy (config.master_weights) and goes back
         # to its own dtype at the end, so the saved model keeps the dtype the user loaded. Under
         # LoRA with autocast only the adapters train, so only they get the master copy (in
-        # _prepare): autocast would cast a float32 copy of the frozen base back to the very same
-        # half-precision values at every forward, so that copy would double the base's memory
-        # and buy nothing. (mixed_precision "no" computes in float32 and keeps the whole copy.)
+        # _prepare), as in peft's usual recipe. A float32 copy of the frozen base would double its
+        # memory: autocast casts its matrices back to the same half-precision values at every
+        # forward, so all it buys is a float32 residual stream (measured: the adapters' update
+        # differs by about 1%). mixed_precision "no" computes in float32 and keeps the whole copy.
         self.loaded_dtype = model_dtype(model)
         master, precision = training_precision(config, self.loaded_dtype)
         self.master_for_trained_only = master if master is not None and config.lora_rank and precision != "no" \
