@@ -3,8 +3,9 @@
     python bench/bench_recovery.py arms [--model demo] [--fractions 0.3,0.5] [--seeds 0,1,2]
         [--arms plain,adaptive,distill,plain+lora,distill+lora] [--rounds 3] [--steps 60]
         [--out bench/results/recovery-demo.json]
-    python bench/bench_recovery.py memory [--out bench/results/recovery-memory.json]
-    python bench/bench_recovery.py plot bench/results/recovery-demo.json [--png docs/img/recovery.png]
+    python bench/bench_recovery.py memory [--keep-best] [--out bench/results/recovery-memory.json]
+    python bench/bench_recovery.py table bench/results/recovery-demo.json     # the docs table
+    python bench/bench_recovery.py plot bench/results/recovery-demo.json [--png docs/img/recovery.png] [--label NAME]
 
 **arms.** Every arm is a whole ``run_experiment`` (the product's own path: score with
 ``--scorer``, prune with ``global`` at each fraction, recover, evaluate), in a fresh process
@@ -309,14 +310,21 @@ def summarize(arms: list[dict]) -> dict:
             # seed (both arms of a seed start from the same pruned model).
             full = {a["seed"]: a for a in arms if a["arm"] == "plain" and a["fraction"] == f}
             lora = {a["seed"]: a for a in arms if a["arm"] == "plain+lora" and a["fraction"] == f}
+            pairs = [(full[s], lo) for s, lo in lora.items() if s in full and lo.get("pruned_test_perplexity")
+                     and full[s].get("pruned_test_perplexity")]
+            if not pairs:
+                continue
+            won_full = statistics.mean(fu["pruned_test_perplexity"] - fu["test_perplexity"] for fu, _ in pairs)
+            won_lora = statistics.mean(lo["pruned_test_perplexity"] - lo["test_perplexity"] for _, lo in pairs)
             shares = [(lo["pruned_test_perplexity"] - lo["test_perplexity"])
-                      / (full[s]["pruned_test_perplexity"] - full[s]["test_perplexity"])
-                      for s, lo in lora.items() if s in full and lo.get("pruned_test_perplexity")
-                      and full[s].get("pruned_test_perplexity")
-                      and full[s]["pruned_test_perplexity"] != full[s]["test_perplexity"]]
-            if shares:
-                recovered.append({"fraction": f, "lora_share_of_full_recovery": statistics.mean(shares),
-                                  "per_seed": shares, "met": statistics.mean(shares) >= 0.9})
+                      / (fu["pruned_test_perplexity"] - fu["test_perplexity"])
+                      for fu, lo in pairs if fu["pruned_test_perplexity"] != fu["test_perplexity"]]
+            # The share of the means: a seed where full fine-tuning won back almost nothing
+            # would make a per-seed share meaningless.
+            share = won_lora / won_full if won_full > 0 else None
+            recovered.append({"fraction": f, "full_recovered_ppl": won_full, "lora_recovered_ppl": won_lora,
+                              "lora_share_of_full_recovery": share, "per_seed": shares,
+                              "met": won_lora >= 0.9 * won_full})
         out["goals"]["lora_recovers_90_percent_of_full"] = recovered
     return out
 
@@ -343,11 +351,14 @@ def memory_arm(spec: dict) -> dict:
     meter = StageMeter()
     loaded = _rss_bytes()
     with tempfile.TemporaryDirectory() as tmp:
+        # With keep-best, an evaluation after every step, so that the kept copy is in the peak.
         config = ExperimentConfig(device="cpu", batch_size=spec["batch_size"], block_size=block,
-                                  max_steps=spec["steps"], eval_every=10**6, checkpoint_every=10**6, patience=0,
+                                  max_steps=spec["steps"], eval_every=1 if spec["keep_best"] else 10**6,
+                                  checkpoint_every=10**6, patience=0,
                                   learning_rate=1e-4, lora_rank=spec["lora"], quiet=True, max_eval_blocks=2,
                                   output_dir=str(Path(tmp) / "run"))
-        train(model, data, config, stage="fine_tune", callbacks=[meter.callback("fine_tune")], select_on=None)
+        train(model, data, config, stage="fine_tune", callbacks=[meter.callback("fine_tune")],
+              select_on="eval_loss" if spec["keep_best"] else None)
     record = meter.stages["fine_tune"]
     return {**spec, "parameters": sum(p.numel() for p in model.parameters()), "rss_after_load": loaded,
             "rss_at_stage_begin": record["rss_at_begin"], "peak_rss": record["peak_rss"],
@@ -359,10 +370,12 @@ def run_memory(args) -> dict:
     from sentinel_core.fileio import write_json_atomic
 
     arms = [_in_subprocess("one-memory", {"arm": name, "lora": lora, "batch_size": args.batch_size,
-                                          "block_size": args.block_size, "steps": args.steps})
+                                          "block_size": args.block_size, "steps": args.steps,
+                                          "keep_best": args.keep_best})
             for name, lora in (("full", 0), (f"lora r={args.lora_rank}", args.lora_rank))]
     full, lora = arms
     result = {"name": "recovery-memory", "shape": "distilgpt2 (6 x 768, 12 heads, vocab 50257), random weights",
+              "keep_best": args.keep_best,
               "machine": _machine(), "arms": arms,
               "lora_over_full_peak": lora["peak_rss"] / full["peak_rss"],
               "lora_over_full_training_added": lora["training_added"] / full["training_added"]}
@@ -377,10 +390,66 @@ def run_memory(args) -> dict:
     return result
 
 
+# ---------------------------------------------------------------- the tables in docs/benchmarks.md
+
+
+def table(path: str) -> str:
+    """The markdown table and goal lines of an ``arms`` result, as docs/benchmarks.md shows them."""
+    result = json.loads(Path(path).read_text())
+    arms = result["arms"]
+    summary = summarize(arms)
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return statistics.mean(values) if values else None
+
+    def fmt(value, spec=".2f"):
+        return "-" if value is None else format(value, spec)
+
+    lines = ["| removed | arm | seeds | trainable params | test ppl pruned | test ppl recovered | gap to reference "
+             "(min..max over seeds) | validation ppl (keep-best's set) | tokens/s in steps | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    refs = [a for a in arms if a["arm"] == "reference"]
+    rows = [{"arm": "reference", "fraction": 0.0, "seeds": [a["seed"] for a in refs], "gap": 0.0, "gap_min": 0.0,
+             "gap_max": 0.0}] + summary["rows"]
+    for row in rows:
+        items = [a for a in arms if a["arm"] == row["arm"] and a["fraction"] == row["fraction"]]
+        last = [list(a["stages"].values())[-1] for a in items if a["stages"]]
+        trainable = mean(s.get("trainable") for s in last)
+        lines.append("| " + " | ".join([
+            f"{row['fraction']:.0%}", row["arm"], str(len(items)), fmt(trainable and trainable / 1e6, ".2f") + "M",
+            fmt(mean(a["pruned_test_perplexity"] for a in items)), fmt(mean(a["test_perplexity"] for a in items)),
+            f"{row['gap']:+.2%} ({row['gap_min']:+.2%}..{row['gap_max']:+.2%})",
+            fmt(mean(a["validation_perplexity"]["final"] for a in items)),
+            fmt(statistics.median(a["train_tokens_per_second"] or 0 for a in items), ",.0f"),
+            fmt(max(a["peak_training_memory"] or 0 for a in items) / 2**20, ",.0f")]) + " |")
+    goals = summary["goals"]
+    closes = goals.get("distill_closes_half_of_plain_gap_at_top")
+    if closes:
+        lines.append(f"\n- distill closes {fmt(closes['closed'] and 100 * closes['closed'], '.0f')}% of plain's gap at "
+                     f"{closes['fraction']:.0%} (plain {closes['plain_gap']:+.2%}, distill {closes['distill_gap']:+.2%}): "
+                     f"{'met' if closes['met'] else 'not met'}")
+    worse = goals.get("distill_no_worse_than_plain_anywhere")
+    if worse:
+        where = ", ".join(f"{w['arm']} at {w['fraction']:.0%}" for w in worse["worse"]) or "nowhere"
+        lines.append(f"- distill worse than plain (mean over seeds): {where}: {'met' if worse['met'] else 'not met'}")
+    for item in goals.get("lora_recovers_90_percent_of_full", []):
+        won = (f"full fine-tuning won back {item['full_recovered_ppl']:.2f} test ppl from the pruned model, LoRA "
+               f"{item['lora_recovered_ppl']:.2f}")
+        share = item["lora_share_of_full_recovery"]
+        if share is None or item["full_recovered_ppl"] < 0.1:
+            lines.append(f"- at {item['fraction']:.0%}, {won}: LoRA recovers more; a share of so little is not "
+                         f"meaningful: {'met' if item['met'] else 'not met'}")
+        else:
+            lines.append(f"- LoRA recovers {100 * share:.0f}% of full's recovery at {item['fraction']:.0%} ({won}): "
+                         f"{'met' if item['met'] else 'not met'}")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- the figure
 
 
-def plot(path: str, png: str) -> None:
+def plot(path: str, png: str, label: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -402,7 +471,8 @@ def plot(path: str, png: str) -> None:
         ax.set_title(f"{fraction:.0%} of heads removed")
         ax.set_xlabel("test ppl above the reference (%)")
         ax.invert_yaxis()
-    fig.suptitle("Recovery after pruning: test perplexity above the unpruned model fine-tuned the same way\n(mean over seeds; whiskers span the seeds)")
+    fig.suptitle(f"Recovery after pruning{': ' + label if label else ''}: test perplexity above the unpruned model "
+                 "fine-tuned the same way\n(mean over seeds; whiskers span the seeds)")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
@@ -437,10 +507,14 @@ def main(argv: list[str] | None = None) -> int:
     memory.add_argument("--block-size", type=int, default=256)
     memory.add_argument("--steps", type=int, default=3)
     memory.add_argument("--lora-rank", type=int, default=16)
+    memory.add_argument("--keep-best", action="store_true",
+                        help="evaluate after every step with keep-best on (the product's default selection)")
     memory.add_argument("--out", default=str(ROOT / "bench" / "results" / "recovery-memory.json"))
+    sub.add_parser("table", help="print the docs table of an arms result").add_argument("result")
     figure = sub.add_parser("plot")
     figure.add_argument("result")
     figure.add_argument("--png", default=str(ROOT / "docs" / "img" / "recovery.png"))
+    figure.add_argument("--label", default="", help="the model's name, for the title")
     for hidden in ("one-arm", "one-memory"):
         sub.add_parser(hidden).add_argument("--spec", required=True)
     args = parser.parse_args(argv)
@@ -452,8 +526,10 @@ def main(argv: list[str] | None = None) -> int:
         run_arms(args)
     elif args.part == "memory":
         run_memory(args)
+    elif args.part == "table":
+        print(table(args.result))
     else:
-        plot(args.result, args.png)
+        plot(args.result, args.png, args.label)
     return 0
 
 

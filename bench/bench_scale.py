@@ -33,6 +33,7 @@ Two facts of this machine shape the measurements (both printed and saved):
   LoRA r=16 runs on the real 16-layer model.
 
     python bench/bench_scale.py [--out bench/results/scale.json] [--workdir DIR]
+    python bench/bench_scale.py --steps-only --step-kinds lora --out bench/results/scale-lora.json
 
 On a GPU (``--device cuda``) the steps and scoring run there (peak ``max_memory_allocated``),
 all 16 layers, and bf16 autocast; the bare-loop comparison is bench_finetune.py's.
@@ -377,6 +378,7 @@ def main() -> None:
     parser.add_argument("--child-timeout", type=int, default=900)
     parser.add_argument("--reuse", action="store_true", help="reuse the records a run left in --workdir")
     parser.add_argument("--step-kinds", default="full,checkpointing,lora", help="which fine-tuning steps to measure")
+    parser.add_argument("--steps-only", action="store_true", help="build, then the steps: no load or scoring parts")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--kind", help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=16, help=argparse.SUPPRESS)
@@ -405,8 +407,9 @@ def main() -> None:
     result: dict = {"benchmark": "bench_scale", "device": args.device, "step_tokens": args.step_tokens,
                     "entropy_tokens": args.entropy_tokens}
     result["build"] = run_child(args, "build")
-    result["load"] = [run_child(args, "load", kind=kind) for kind in ("sentinel", "hf")]
-    result["score"] = [run_child(args, "score", kind=kind) for kind in ("magnitude", "entropy")]
+    result["load"] = [] if args.steps_only else [run_child(args, "load", kind=kind) for kind in ("sentinel", "hf")]
+    result["score"] = [] if args.steps_only else [run_child(args, "score", kind=kind)
+                                                  for kind in ("magnitude", "entropy")]
     depths = [16] if args.device == "cuda" else [int(x) for x in args.step_layers.split(",")]
     # Checkpointing at the deepest CPU depth only: each step child takes minutes on this CPU.
     kinds = args.step_kinds.split(",")

@@ -114,8 +114,9 @@ class ExperimentConfig:
                                     minimum=1)
     mixed_precision: str = setting("auto", "auto: bf16 (or fp16) on GPUs, none on the CPU.", section="fine-tuning",
                                    choices=MIXED_PRECISION)
-    master_weights: str = setting("float32", "Weights of a bf16/fp16 model train as a float32 copy with autocast, "
-                                             "and are saved in the loaded dtype ('model': train in that dtype).",
+    master_weights: str = setting("float32", "Weights of a bf16/fp16 model train as a float32 copy with autocast "
+                                             "(under LoRA only the adapters do), and are saved in the loaded dtype "
+                                             "('model': train in that dtype).",
                                   section="fine-tuning", choices=("float32", "model"))
     gradient_checkpointing: bool = setting(False, "Recompute activations in the backward pass: less memory, "
                                                   "about a third more compute.", section="fine-tuning")

@@ -221,3 +221,20 @@ def test_a_folder_written_by_the_earlier_writer_loads_with_its_tied_weights(tmp_
     reloaded, _ = load_model(tmp_path / "old")
     assert torch.equal(logits(reloaded, x), logits(model, x))
     assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+
+
+def test_the_weights_fingerprint_sums_in_slices_to_the_float64_sums(monkeypatch):
+    from sentinel_core.training import checkpoints as ckpt
+
+    state = {"w": torch.randn(37, 11, generator=torch.Generator().manual_seed(0)), "ids": torch.arange(9),
+             "flags": torch.tensor([True, False, True]), "empty": torch.zeros(0)}
+    monkeypatch.setattr(ckpt, "FINGERPRINT_CHUNK", 16)  # 26 slices of the 407 weights
+    rows = ckpt.weights_fingerprint(state)
+    for (name, tensor), row in zip(state.items(), rows, strict=True):
+        values = tensor.double()
+        assert row[:3] == [name, list(tensor.shape), str(tensor.dtype).removeprefix("torch.")]
+        assert row[3] == pytest.approx(float(values.sum()), rel=1e-12, abs=1e-12)
+        assert row[4] == pytest.approx(float((values * values).sum()), rel=1e-12, abs=1e-12)
+    moved = dict(state, w=state["w"] + 1e-3)
+    assert not ckpt.fingerprints_match(rows, ckpt.weights_fingerprint(moved))
+    assert ckpt.fingerprints_match(rows, ckpt.weights_fingerprint(dict(state)))
