@@ -52,3 +52,35 @@ def tiny_tokenizer(lines: list[str], vocab_size: int = 300):
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(lines, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+
+
+# Words for a tiny corpus: a few dozen, so a 300-word BPE vocabulary covers them well.
+WORDS = (
+    "the a one two three red green blue king queen castle river stone light dark runs walks sings "
+    "speaks holds sees loves fears quickly slowly under over through with and but or when night day"
+).split()
+
+
+def tiny_corpus(n_lines: int = 500, seed: int = 7) -> list[str]:
+    """``n_lines`` random sentences of 4-12 of :data:`WORDS`, the same for the same ``seed``."""
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(n_lines)]
+
+
+def save_run_assets(folder, model, tokenizer, lines: list[str]) -> dict:
+    """Save ``model`` and ``tokenizer`` as an HF folder and ``lines`` as a text file under
+    ``folder``: what ``sentinel run --model ... --data ...`` needs in a plugin's end-to-end test.
+
+    :returns: ``{"model": folder/tiny-model, "data": folder/corpus.txt, "tmp": folder}``.
+    """
+    from pathlib import Path
+
+    folder = Path(folder)
+    model_dir = folder / "tiny-model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    text = folder / "corpus.txt"
+    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"model": str(model_dir), "data": str(text), "tmp": folder}

@@ -14,10 +14,6 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 VOCAB, BLOCK = 64, 16
-WORDS = (
-    "the a one two three red green blue king queen castle river stone light dark runs walks sings "
-    "speaks holds sees loves fears quickly slowly under over through with and but or when night day"
-).split()
 
 
 @pytest.fixture(autouse=True)
@@ -112,23 +108,15 @@ def distill_plugin():
 @pytest.fixture
 def tiny_run_assets(tmp_path, monkeypatch):
     """A tiny GPT-2 (dropout on) with a byte-level BPE tokenizer saved as an HF directory, and a text file."""
-    import random
-
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sentinel_core.testing import tiny_tokenizer
+    from sentinel_core.testing import save_run_assets, tiny_corpus, tiny_tokenizer
 
     monkeypatch.setenv("SENTINEL_CACHE_DIR", str(tmp_path / "cache"))
-    rng = random.Random(7)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(500)]
+    lines = tiny_corpus()
     tokenizer = tiny_tokenizer(lines)
     torch.manual_seed(0)
     # GPT-2's default dropout (0.1) stays on: resume must then restore the random generators exactly.
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=len(tokenizer), n_positions=64,
                                        bos_token_id=0, eos_token_id=0))
-    model_dir = tmp_path / "tiny-model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"model": str(model_dir), "data": str(text), "tmp": tmp_path}
+    return save_run_assets(tmp_path, model, tokenizer, lines)

@@ -11,11 +11,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-WORDS = (
-    "the a one two three red green blue king queen castle river stone light dark runs walks sings "
-    "speaks holds sees loves fears quickly slowly under over through with and but or when night day"
-).split()
-
 
 def tiny_gpt2(*, n_layer: int = 2, n_head: int = 4, n_embd: int = 32, vocab_size: int = 100, seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
@@ -73,20 +68,11 @@ def growth_plugin():
 @pytest.fixture
 def tiny_run_assets(tmp_path):
     """A tiny GPT-2 with a byte-level BPE tokenizer saved as an HF directory, and a text file."""
-    import random
+    from sentinel_core.testing import save_run_assets, tiny_corpus, tiny_tokenizer
 
-    from sentinel_core.testing import tiny_tokenizer
-
-    rng = random.Random(7)
-    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(500)]
+    lines = tiny_corpus()
     tokenizer = tiny_tokenizer(lines)
-    model = tiny_gpt2(vocab_size=len(tokenizer))
-    model_dir = tmp_path / "tiny-model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return {"model": str(model_dir), "data": str(text), "tmp": tmp_path}
+    return save_run_assets(tmp_path, tiny_gpt2(vocab_size=len(tokenizer)), tokenizer, lines)
 
 
 @pytest.fixture

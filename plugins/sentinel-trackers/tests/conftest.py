@@ -8,44 +8,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-
-WORDS = (
-    "the a one two three red green blue king queen castle river stone light dark runs walks sings "
-    "speaks holds sees loves fears quickly slowly under over through with and but or when night day"
-).split()
-
-
-def lines(n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))).capitalize() + "." for _ in range(n)]
 
 
 def write_model_and_corpus(folder: Path) -> tuple[str, str]:
     """A tiny GPT-2 with a byte-level BPE tokenizer saved as an HF folder, and a text file to train on."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import GPT2Config, GPT2LMHeadModel
 
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(lines(300, seed=1), trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    from sentinel_core.testing import save_run_assets, tiny_corpus, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(tiny_corpus(300, seed=1))
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=32, n_positions=64, vocab_size=len(tokenizer),
                                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id))
-    model_dir = folder / "tiny-model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(lines(600, seed=7)) + "\n", encoding="utf-8")
-    return str(model_dir), str(corpus)
+    saved = save_run_assets(folder, model, tokenizer, tiny_corpus(600, seed=7))
+    return saved["model"], saved["data"]
 
 
 @pytest.fixture(scope="session")
